@@ -1,0 +1,690 @@
+"""APO: Asymmetric Policy Optimization for Qwen2.5-VL, in one file (arXiv 2506.21655).
+
+APO is GRPO with two asymmetric terms. For each prompt, G responses are sampled and scored; each response's
+advantage is its reward relative to its group (GRPO). Then:
+  - STCR (negatives): a wrong response longer than the group's correct ones gets a more negative advantage;
+  - DADS (positives): the KL penalty of a positive response is scaled down on hard prompts, so a rare success may
+    move the policy further from the reference.
+`../shared/APO_SPEC.md` (copied into the README) gives the exact math; each function below cites its section.
+
+Read this file top to bottom: arguments, data, reward, group advantage, STCR, DADS, loss, update, then the training
+loop that runs them in that order and logs what it sees. `rollout.py` samples responses and computes log-probs,
+`reward.py` scores them.
+
+Where this code departs from the paper and the authors' code (each one has its reason in the README):
+  - loss aggregation: mean over all response tokens of the optimizer mini-batch (independent of micro-batching),
+    not the authors' mean per micro-batch of 2 sequences; `--loss-agg sequence` gives the GRPO paper's form;
+  - rewards: unparseable golds are skipped rows (not reward 1.0), letter golds compare as letters, and a \\boxed
+    answer outside <answer> tags still earns accuracy;
+  - one GPU instead of eight: HF `generate` instead of vLLM, bf16 weights with fp32 Adam moments and stochastic
+    rounding instead of ZeRO-2 fp32 master weights, and a smaller default rollout (16 prompts instead of 128);
+  - the data is shuffled each pass (the authors' script does not shuffle; `--no-shuffle` restores that).
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import reward
+import rollout
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+@dataclass
+class Args:
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    """policy to train and frozen reference: any Qwen2.5-VL checkpoint, a Hub id or a local folder ('toy': the toy
+    task's small model)"""
+    data: str = "geo3k"
+    """'geo3k' (hiyouga/geometry3k), 'toy', a Hub dataset id, a local folder in the Hub layout, a .parquet or
+    .jsonl/.json file with the geo3k columns, or a .json/.jsonl file in the authors' format ('message' + 'answer')"""
+    split: str = "train"
+    """dataset split to train on (Hub ids and folders)"""
+    image_column: str = "images"
+    """column holding the image (a list of images: the first is used; or one image, a path, bytes)"""
+    problem_column: str = "problem"
+    """column holding the problem text (an '<image>' placeholder in it is removed: the chat template places it)"""
+    answer_column: str = "answer"
+    """column holding the gold answer"""
+    out: str = "runs/apo"
+    """run folder: metrics.jsonl, samples.jsonl, checkpoints, final/"""
+    resume: bool = False
+    """continue the run found in --out from its latest checkpoint"""
+    steps: int = 0
+    """rollout steps to run (0: `epochs` passes over the data)"""
+    epochs: int = 2
+    """passes over the data when --steps is 0 (authors: 2)"""
+    seed: int = 0
+    """seed of data order, sampling and initialization of everything random"""
+    shuffle: bool = True
+    """shuffle the data at each pass (the authors' script does not: --no-shuffle)"""
+    device: str = "auto"
+    """'auto' (CUDA, else stop unless the model is 'toy'), 'cuda' or 'cpu' (forces the CPU)"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16' or 'float32'"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward: trades ~30% compute for most of the activation memory"""
+    trust_remote_code: bool = False
+    """allow code shipped with a checkpoint or dataset to run (off unless you trust its source)"""
+    # rollout (APO_SPEC §8)
+    prompts_per_step: int = 16
+    """B, prompts per rollout (authors: 128 on 8 GPUs)"""
+    group_size: int = 8
+    """G, responses sampled per prompt (authors: 8)"""
+    max_new_tokens: int = 1024
+    """response length limit (authors: 4096)"""
+    max_prompt_tokens: int = 4096
+    """longer prompts are skipped and counted (authors: 9216)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature (authors: 1.0)"""
+    top_p: float = 1.0
+    """nucleus sampling (authors: 1.0)"""
+    min_pixels: int = 3136
+    """images are resized to at least this many pixels (Qwen's default, 4 × 28²)"""
+    max_pixels: int = 1003520
+    """and at most this many (Qwen's default, 1280 × 28²; authors: 2,560,000)"""
+    generation_batch_size: int = 0
+    """sequences per `generate` call (0: all B·G at once)"""
+    # update (APO_SPEC §5-§8)
+    lr: float = 1e-6
+    """peak learning rate (authors: 1e-6)"""
+    min_lr: float = 1e-7
+    """the cosine schedule ends here (authors: 1e-7)"""
+    warmup_ratio: float = 0.03
+    """share of optimizer steps spent warming up linearly (authors: 3%)"""
+    adam_betas: tuple = (0.9, 0.95)
+    """Adam betas (authors: 0.9, 0.95)"""
+    weight_decay: float = 0.0
+    """decoupled weight decay (authors: 0)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (authors: 1.0)"""
+    clip_eps: float = 0.2
+    """PPO clip range ε (authors: 0.2)"""
+    kl_beta: float = 1e-3
+    """β, weight of the k3 KL loss toward the reference (authors: 1e-3); 0 drops the reference model"""
+    dads: bool = True
+    """DADS: difficulty-weighted KL for positive samples (--no-dads switches it off)"""
+    stcr: bool = True
+    """STCR: longer wrong responses get more negative advantages (--no-stcr switches it off)"""
+    stcr_base: float = 1.00001
+    """base of STCR's weight 1 - base^(-Δ) (authors: 1.00001)"""
+    loss_agg: str = "token"
+    """policy-loss mean: 'token' (over all response tokens of the mini-batch) or 'sequence' (per response first)"""
+    mini_batch_size: int = 64
+    """responses per optimizer step (authors: 64); B·G / mini_batch_size optimizer steps per rollout"""
+    micro_batch_size: int = 4
+    """responses per forward/backward (gradients accumulate over a mini-batch: the result does not depend on it)"""
+    logprob_chunk: int = 1024
+    """positions per vocabulary-projection chunk in log-prob computations (bounds the fp32 logits' memory)"""
+    max_bad_updates: int = 3
+    """stop (after a checkpoint) when this many updates in a row have a non-finite loss or gradient"""
+    # logging and checkpoints
+    save_every: int = 50
+    """rollout steps between checkpoints"""
+    keep_last: int = 2
+    """checkpoints kept (the oldest are deleted)"""
+    log_samples: int = 2
+    """prompts per step whose responses go to samples.jsonl"""
+    preset: str = ""
+    """'authors': the authors' schedule where one GPU allows (APO_SPEC §8); explicit flags still win"""
+
+
+PRESETS = {
+    # APO_SPEC §8 on one GPU: same rollout and update sizes, generation split in batches of 128 sequences.
+    "authors": dict(prompts_per_step=128, max_new_tokens=4096, max_prompt_tokens=9216, max_pixels=2_560_000,
+                    mini_batch_size=64, shuffle=False, epochs=2, generation_batch_size=128),
+    # The toy task of toy.py: a tiny model, small images, short answers, minutes on a laptop CPU.
+    "toy": dict(model="toy", prompts_per_step=8, group_size=8, max_new_tokens=24, lr=1e-3, min_lr=1e-4,
+                mini_batch_size=64, micro_batch_size=64, max_pixels=56 * 56, min_pixels=28 * 28, kl_beta=1e-3,
+                gradient_checkpointing=False, steps=60, save_every=20, adam_betas=(0.9, 0.99)),
+}
+
+
+def parse_args(argv=None) -> Args:
+    """Command line from the Args dataclass: one flag per field, its help being the field's docstring."""
+    source = ast.parse(inspect.getsource(Args)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(source, source[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        flag, help_ = "--" + f.name.replace("_", "-"), " ".join(docs[f.name].split())
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.type is tuple:
+            parser.add_argument(flag, type=float, nargs=len(f.default), default=f.default, help=help_)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=help_)
+    # A preset (or --data toy) changes the defaults; flags given explicitly still win.
+    known, _ = parser.parse_known_args(argv)
+    preset = known.preset or ("toy" if known.data == "toy" else "")
+    if preset not in ("", *PRESETS):
+        parser.error(f"--preset must be one of {sorted(PRESETS)}")
+    parser.set_defaults(**PRESETS.get(preset, {}))
+    args = Args(**vars(parser.parse_args(argv)))
+    args.adam_betas = tuple(args.adam_betas)
+    if args.loss_agg not in ("token", "sequence"):
+        parser.error("--loss-agg must be 'token' or 'sequence'")
+    if args.group_size < 2:
+        parser.error("--group-size must be at least 2: advantages are relative to the group")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+HUB_ALIASES = {"geo3k": "hiyouga/geometry3k"}
+
+
+class BadRow(ValueError):
+    """A row that cannot be trained on (missing image, empty problem, unparseable gold): skipped and counted."""
+
+
+def load_table(args: Args):
+    """The training rows as an indexable table, and the folder that relative image paths are resolved against.
+
+    Every source goes through `datasets`, so a local folder in the Hub layout and the Hub id take the same path."""
+    import datasets
+
+    if args.data == "toy":
+        import toy
+        return toy.toy_dataset(args.split, seed=args.seed), None
+    name = HUB_ALIASES.get(args.data, args.data)
+    path = Path(name)
+    if path.suffix in (".json", ".jsonl"):
+        table = datasets.load_dataset("json", data_files=str(path), split="train")
+        if "message" in table.column_names:  # the authors' format: a chat list (often JSON-encoded) + answer
+            table = table.map(from_authors_format, remove_columns=table.column_names,
+                              fn_kwargs={"answer_column": args.answer_column})
+            args.image_column, args.problem_column, args.answer_column = "images", "problem", "answer"
+        base = path.resolve().parent
+    elif path.suffix == ".parquet":
+        table, base = datasets.load_dataset("parquet", data_files=str(path), split="train"), path.resolve().parent
+    else:  # a Hub dataset id, or a local folder laid out like one (data/train-*.parquet, ...)
+        table = datasets.load_dataset(name, split=args.split, trust_remote_code=args.trust_remote_code or None) \
+            if args.trust_remote_code else datasets.load_dataset(name, split=args.split)
+        base = path.resolve() if path.is_dir() else None
+    missing = [c for c in (args.image_column, args.problem_column, args.answer_column) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{args.data}: column(s) {missing} not found; it has {table.column_names}. "
+                         "Name the right ones with --image-column / --problem-column / --answer-column.")
+    if len(table) == 0:
+        raise ValueError(f"{args.data} ({args.split}) has no rows")
+    first = table[0]
+    if not isinstance(first[args.problem_column], str):
+        raise ValueError(f"{args.data}: column {args.problem_column!r} must hold text, "
+                         f"found {type(first[args.problem_column]).__name__}")
+    return table, base
+
+
+def from_authors_format(row: dict, answer_column: str = "answer") -> dict:
+    """{'message': [{'role': 'user', 'content': [{'type': 'image', 'image': 'file:///x.jpg'}, {'type': 'text', ...}]}],
+    'answer': ...} -> the geo3k columns {'images': [path], 'problem': text, 'answer': text}."""
+    messages = json.loads(row["message"]) if isinstance(row["message"], str) else row["message"]
+    parts = [p for m in messages if m.get("role") == "user" for p in
+             (m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}])]
+    images = [p.get("image", p.get("image_url", "")).removeprefix("file://") for p in parts if p.get("type") == "image"]
+    text = "\n".join(p["text"] for p in parts if p.get("type") == "text")
+    return {"images": images, "problem": text, "answer": str(row.get(answer_column, ""))}
+
+
+def prepare_example(row: dict, args: Args, base: Path | None) -> dict:
+    """One table row -> {'image': PIL RGB, 'problem': str, 'answer': str}, or BadRow with the reason."""
+    from PIL import Image
+
+    image = row.get(args.image_column)
+    if isinstance(image, list):
+        image = image[0] if image else None
+    if isinstance(image, dict):  # an undecoded datasets Image: {'bytes': ..., 'path': ...}
+        image = image.get("bytes") or image.get("path")
+    try:
+        if isinstance(image, bytes):
+            import io
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, str):
+            # A relative path is relative to the data file, not to wherever the command was started.
+            image = Image.open(base / image if base is not None and not os.path.isabs(image) else image)
+        if not isinstance(image, Image.Image):
+            raise BadRow(f"no image ({type(image).__name__})")
+        image.load()
+        image = image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise BadRow(f"unreadable image: {err}") from None
+    problem, answer = row.get(args.problem_column), row.get(args.answer_column)
+    if not isinstance(problem, str) or not problem.replace("<image>", "").strip():
+        raise BadRow("empty problem")
+    answer = "" if answer is None else str(answer)
+    if reward.parse_gold(answer) is None:  # APO_SPEC §1 Decision: a data error, not a free reward
+        raise BadRow(f"unparseable gold answer {answer[:60]!r}")
+    return {"image": image, "problem": problem, "answer": answer}
+
+
+def data_order(n_rows: int, position: int, seed: int, shuffle: bool) -> int:
+    """Row index at global `position` (positions run on across passes): pass k is a permutation seeded by seed+k."""
+    epoch, offset = divmod(position, n_rows)
+    if not shuffle:
+        return offset
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))[offset].item()
+
+
+# ------------------------------------------------------------------------------------------- group advantage, §2
+def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """GRPO's group-normalized advantage (APO_SPEC §2). rewards [B, G] -> [B, G].
+
+    A group whose rewards are all equal has std 0 and gets 0 everywhere: it carries no learning signal."""
+    mean = rewards.mean(-1, keepdim=True)                    # [B, 1]
+    std = rewards.std(-1, keepdim=True)                      # [B, 1], unbiased (n-1), as the authors
+    return (rewards - mean) / (std + 1e-9)                   # Â⁰_i = (r_i − mean_g r) / (std_g r + 1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------ STCR, §4
+def stcr_weights(correct: torch.Tensor, lengths: torch.Tensor, base: float = 1.00001) -> torch.Tensor:
+    """STCR's advantage multiplier (1 + w) (APO_SPEC §4). correct [B, G] (bool), lengths [B, G] -> [B, G].
+
+    w_i = 1 − base^(−Δ_i) for a wrong response longer than its group's correct ones (Δ_i = |o_i| − L⁺_g > 0),
+    else 0; groups with no correct response get 0 (L⁺ undefined). Two facts the authors' setting implies:
+    w ≈ Δ·ln(base) ≈ 1e-5·Δ, so the effect is small at these lengths (w ≈ 0.01 at 1000 extra tokens, 0.04 at 4096);
+    and since the advantage also counts format, a wrong but well-formatted response can have Â⁰ > 0, which STCR
+    then *amplifies*. Both are kept as the authors have them; `--stcr-base` tunes the strength.
+    Computed in float64: in float32, 1.00001 itself is off by 0.14% in its logarithm."""
+    correct, lengths = correct.bool(), lengths.double()
+    n_correct = correct.sum(-1, keepdim=True)                                         # k_g, [B, 1]
+    mean_len_correct = (lengths * correct).sum(-1, keepdim=True) / n_correct.clamp(min=1)  # L⁺_g, [B, 1]
+    excess = lengths - mean_len_correct                                               # Δ_i, [B, G]
+    w = -torch.expm1(-excess * math.log(base))                                        # 1 − base^(−Δ_i)
+    w = torch.where(~correct & (n_correct > 0) & (excess > 0), w, torch.zeros_like(w))
+    return (1 + w).float()                                                            # Â_i = (1 + w_i)·Â⁰_i
+
+
+# ------------------------------------------------------------------------------------------------------ DADS, §5
+def dads_kl_weights(advantages: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """DADS's KL weight κ (APO_SPEC §3, §5). advantages [B, G] (after STCR), correct [B, G] (bool) -> [B, G].
+
+    Difficulty d_g = 1 − k_g/G. A positive response (Â_i > 0, as the authors test the advantage, not the accuracy)
+    gets κ = f(d_g) = 1 − exp(−e·(1 − d_g)), with f(0) = f(1) = 1; every other response gets κ = 1.
+    Easy prompt (d small): κ ≈ 1, full KL. Hard prompt (d → 1): κ → 0, a rare success may move further.
+    (The authors' code also holds, commented out, the variant f(d) = exp(−e·d); not implemented here.)"""
+    G = correct.shape[-1]
+    difficulty = 1 - correct.float().sum(-1, keepdim=True) / G                       # d_g, [B, 1]
+    f = 1 - torch.exp(-math.e * (1 - difficulty))                                    # f(d_g), [B, 1]
+    f = torch.where((difficulty == 0) | (difficulty == 1), torch.ones_like(f), f)    # f(0) = f(1) = 1
+    return torch.where(advantages > 0, f.expand_as(advantages), torch.ones_like(advantages))
+
+
+# ------------------------------------------------------------------------------------------------------ loss, §6-7
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref) (APO_SPEC §6): [n, T], [n, T] -> [n, T], always ≥ 0.
+    Unbiased for the KL under samples from π_θ, with lower variance than log π_θ − log π_ref."""
+    log_ratio = ref_logp - logp                               # ℓ_ref,t − ℓ_θ,t
+    return log_ratio.exp() - log_ratio - 1                    # kl_t = e^(ℓ_ref − ℓ_θ) − (ℓ_ref − ℓ_θ) − 1
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", token_total=None, seq_total=None):
+    """PPO-clip policy loss (APO_SPEC §7). logp, old_logp, mask [n, T]; advantages [n] -> (loss, clip fraction).
+
+    `token_total` / `seq_total` are the token and sequence counts of the whole optimizer mini-batch: a micro-batch
+    divides by them, so that the gradients summed over micro-batches equal those of the mini-batch at once."""
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)                                      # ρ_t = exp(ℓ_θ,t − ℓ_old,t), [n, T]
+    adv = advantages[:, None]                                               # the same Â_i on every token, [n, 1]
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)            # −min(ρ_t Â_i, clip(ρ_t, 1±ε) Â_i)
+    if agg == "token":   # mean over every response token of the mini-batch (default, APO_SPEC §7 Decision)
+        loss = (per_token * mask).sum() / (token_total or mask.sum())
+    else:                # mean over each response's tokens, then over responses (the GRPO paper's form)
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / (seq_total or mask.shape[0])
+    clip_fraction = (((ratio - clipped_ratio).abs() > 0).float() * mask).sum() / mask.sum().clamp(min=1)
+    return loss, clip_fraction.detach()
+
+
+def apo_loss(logp, old_logp, ref_logp, advantages, kl_weights, mask, kl_beta=1e-3, clip_eps=0.2, agg="token",
+             token_total=None, seq_total=None):
+    """Total loss L = L_pg + β·L_kl (APO_SPEC §6-7). Tensors [n, T]; advantages, kl_weights (κ) [n].
+    Returns (loss, stats) with the policy term, the κ-weighted KL term and the clip fraction."""
+    pg_loss, clip_fraction = policy_loss(logp, old_logp, advantages, mask, clip_eps, agg, token_total, seq_total)
+    mask = mask.float()
+    kl_per_seq = (k3_kl(logp, ref_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)   # KL_i, [n]
+    kl_loss = (kl_weights * kl_per_seq).sum() / (seq_total or mask.shape[0])           # L_kl = mean_i κ_i·KL_i
+    loss = pg_loss + kl_beta * kl_loss
+    stats = {"pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(), "clip_fraction": clip_fraction,
+             "kl": kl_per_seq.detach().sum() / (seq_total or mask.shape[0])}  # unweighted mean KL_i, for the log
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------- update, §8
+def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounding up or down at random with probabilities that make the result unbiased: E[out] = x.
+    bf16 keeps the top 16 bits of an fp32; adding uniform noise to the 16 bits dropped before truncating does it."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with fp32 moments whatever the weights' dtype, and stochastic rounding for bf16 weights.
+
+    Why: the authors keep fp32 master weights (ZeRO-2 over 8 GPUs). On one GPU, fp32 weights + fp32 Adam for policy
+    and reference would take 63 GiB before a single activation. Here the weights are bf16 (2 bytes) and only the
+    moments are fp32 (8 bytes). The catch: an Adam update is ~lr = 1e-6 per weight, while bf16 weights of size
+    0.02 are 1.2e-4 apart, so rounding to nearest would throw every update away. Stochastic rounding moves a weight
+    to the next bf16 value with probability (update / spacing): each weight follows its fp32 trajectory in
+    expectation. For fp32 weights this is exactly torch.optim.AdamW."""
+
+    def __init__(self, params, lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                state["step"] += 1
+                grad, m, v, t = p.grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.lerp_(grad, 1 - beta1)                                 # m_t = β1·m + (1 − β1)·g
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)      # v_t = β2·v + (1 − β2)·g²
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+                weight = p.float().mul_(1 - lr * wd)                     # decoupled decay: w ← w·(1 − lr·λ)
+                weight.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # w ← w − lr·m̂/(√v̂ + ε)
+                p.copy_(stochastic_round_to_bf16(weight) if p.dtype == torch.bfloat16 else weight)
+
+
+def cosine_schedule(step: int, total: int, warmup_ratio: float, lr: float, min_lr: float) -> float:
+    """Learning rate at optimizer step `step`: linear warmup, then cosine from lr to min_lr (authors' schedule)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------ models and checkpoints
+def resolve_device(args: Args) -> tuple:
+    if args.device == "auto":
+        if torch.cuda.is_available():
+            args.device = "cuda"
+        elif args.model == "toy":
+            args.device = "cpu"
+        else:
+            sys.exit(f"No CUDA GPU found. Training {args.model} on a CPU would take days per step; "
+                     "pass --device cpu to force it anyway, or try `python apo.py --data toy` (minutes on a CPU).")
+    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    return torch.device(args.device), dtype
+
+
+def load_model(name: str, dtype, device, trust_remote_code: bool = False):
+    """A Qwen2.5-VL policy and its processor, from a Hub id or a local folder (safetensors only)."""
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    if name == "toy":
+        import toy
+        name = str(toy.starting_model())
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if config.model_type != "qwen2_5_vl":
+        raise ValueError(f"{name} is a {config.model_type!r} model; this project trains Qwen2.5-VL checkpoints")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code).to(device)
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict | None, keep_last: int = 0):
+    """Write `out/name` atomically: everything goes to a hidden folder that is renamed into place only when complete,
+    so a kill during the save leaves the previous checkpoint whole. Keeps the last `keep_last` checkpoint-* folders."""
+    tmp, final = out / f".tmp-{name}", out / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    if final.exists():  # only final/ is ever rewritten: move the old one aside first, drop it once the new one is in
+        os.replace(final, out / f".old-{name}")
+    os.replace(tmp, final)
+    shutil.rmtree(out / f".old-{name}", ignore_errors=True)
+    if keep_last:
+        for old in sorted(out.glob("checkpoint-*"))[:-keep_last]:
+            shutil.rmtree(old)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- training loop
+def train(args: Args) -> Path:
+    """Run APO as configured; returns the run folder."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    device, dtype = resolve_device(args)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    if out.exists() and any(out.glob("*.jsonl")) and not args.resume:
+        sys.exit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if args.resume and not checkpoints:
+        sys.exit(f"--resume: no checkpoint found in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+
+    # data
+    table, base = load_table(args)
+    steps = args.steps or args.epochs * len(table) // args.prompts_per_step
+    responses_per_step = args.prompts_per_step * args.group_size
+    minibatches_per_step = math.ceil(responses_per_step / args.mini_batch_size)
+    on_policy = minibatches_per_step == 1  # one optimizer step per rollout: ℓ_old = ℓ_θ, no separate pass needed
+
+    # models: the policy, and the frozen reference it is kept close to (APO_SPEC §6)
+    model, processor = load_model(args.model, dtype, device, args.trust_remote_code)
+    reference = None
+    if args.kl_beta > 0:
+        reference, _ = load_model(args.model, dtype, device, args.trust_remote_code)
+        reference.eval().requires_grad_(False)
+    if args.resume:
+        model, processor = load_model(str(checkpoints[-1]), dtype, device, args.trust_remote_code)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = AdamW(model.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    total_updates = steps * minibatches_per_step
+    lr_at = lambda update: cosine_schedule(update, total_updates, args.warmup_ratio, args.lr, args.min_lr)  # noqa
+    gen_config = rollout.generation_config(processor, args.max_new_tokens, args.temperature, args.top_p)
+
+    state = {"step": 0, "position": 0, "updates": 0, "bad_rows": 0, "skipped_updates": 0, "bad_in_a_row": 0}
+    if args.resume:
+        saved = torch.load(checkpoints[-1] / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        state = saved["state"]
+        for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was logged after that checkpoint: it is redone
+            path = out / name
+            if path.exists():
+                lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
+                path.write_text("".join(l + "\n" for l in lines))
+        print(f"resumed from {checkpoints[-1]} at step {state['step']}")
+    seen_bad = set()
+
+    def checkpoint(name: str, keep_last: int = args.keep_last):
+        save_checkpoint(out, name, model, processor, {"optimizer": optimizer.state_dict(), "rng": rng_state(),
+                                                      "state": dict(state), "args": dataclasses.asdict(args)},
+                        keep_last)
+
+    stop_signal = []  # SIGINT / SIGTERM: finish the step, save, exit (a second SIGINT stops at once)
+    def on_signal(signum, frame):  # noqa: E306
+        if stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+    bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc="APO" if args.dads or args.stcr
+               else "GRPO", dynamic_ncols=True)
+    for step in bar:
+        timer = time.perf_counter()
+
+        # --- data: B good rows; a bad row is skipped, counted, and named once (the position moves on either way)
+        examples = []
+        while len(examples) < args.prompts_per_step:
+            index = data_order(len(table), state["position"], args.seed, args.shuffle)
+            state["position"] += 1
+            try:
+                example = prepare_example(table[index], args, base)
+                n_tokens = rollout.encode_prompts(processor, [example["image"]], [example["problem"]], args.min_pixels,
+                                                  args.max_pixels)["input_ids"].shape[1]
+                if n_tokens > args.max_prompt_tokens:
+                    raise BadRow(f"prompt of {n_tokens} tokens > --max-prompt-tokens {args.max_prompt_tokens}")
+                examples.append(example)
+            except BadRow as err:
+                state["bad_rows"] += 1
+                if index not in seen_bad:
+                    seen_bad.add(index)
+                    tqdm.write(f"skipping row {index}: {err}")
+            if state["position"] > (step + 1) * args.prompts_per_step + len(table):
+                sys.exit(f"more than {len(table)} rows in a row were unusable: check the data")
+        prompts = rollout.encode_prompts(processor, [e["image"] for e in examples], [e["problem"] for e in examples],
+                                         args.min_pixels, args.max_pixels)
+
+        # --- rollout: G responses per prompt (rollout.py)
+        batch = rollout.sample_responses(model, processor, prompts, args.group_size, gen_config,
+                                         args.generation_batch_size)
+        t_rollout = time.perf_counter() - timer
+
+        # --- reward (APO_SPEC §1): r_i = acc_i + fmt_i
+        timer = time.perf_counter()
+        answers = [e["answer"] for e in examples for _ in range(args.group_size)]
+        accuracy = torch.tensor([reward.accuracy_reward(t, a) for t, a in zip(batch["texts"], answers)])
+        fmt = torch.tensor([reward.format_reward(t) for t in batch["texts"]])
+        B, G = args.prompts_per_step, args.group_size
+        rewards, correct, lengths = (accuracy + fmt).view(B, G), (accuracy > 0).view(B, G), batch["lengths"].view(B, G)
+        t_reward = time.perf_counter() - timer
+
+        # --- group advantage (§2), STCR (§4), DADS (§5)
+        advantages0 = grpo_advantages(rewards)                                                    # Â⁰, [B, G]
+        stcr = stcr_weights(correct, lengths, args.stcr_base) if args.stcr else torch.ones(B, G)  # 1 + w, [B, G]
+        advantages = stcr * advantages0                                                           # Â, [B, G]
+        kl_weights = dads_kl_weights(advantages, correct) if args.dads else torch.ones(B, G)      # κ, [B, G]
+        batch["advantages"], batch["kl_weights"] = advantages.flatten(), kl_weights.flatten()     # [N]
+
+        # --- log-probs of the rollout-time policy (ℓ_old) and of the reference (ℓ_ref), [N, T]
+        timer = time.perf_counter()
+        if not on_policy:
+            batch["old_logp"], _ = rollout.batched_logprobs(model, batch, args.temperature, args.micro_batch_size,
+                                                            args.logprob_chunk)
+        batch["ref_logp"] = (rollout.batched_logprobs(reference, batch, args.temperature, args.micro_batch_size,
+                                                      args.logprob_chunk)[0] if reference is not None else None)
+        t_logprobs = time.perf_counter() - timer
+
+        # --- update: one pass over the B·G responses in shuffled mini-batches, each accumulated over micro-batches
+        timer = time.perf_counter()
+        order = torch.randperm(B * G).tolist()
+        sums = {"pg_loss": 0.0, "kl_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        for start in range(0, B * G, args.mini_batch_size):
+            rows = order[start:start + args.mini_batch_size]
+            token_total = batch["response_mask"][rows].sum().item()
+            optimizer.zero_grad(set_to_none=True)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(state["updates"])
+            loss_sum, entropy_sum = 0.0, 0.0
+            for micro_start in range(0, len(rows), args.micro_batch_size):
+                micro = rollout.select(batch, rows[micro_start:micro_start + args.micro_batch_size])
+                logp, entropy = rollout.response_logprobs(model, micro, args.temperature, args.logprob_chunk)
+                mask = micro["response_mask"].to(device)
+                old_logp = logp.detach() if on_policy else micro["old_logp"].to(device)
+                ref_logp = micro["ref_logp"].to(device) if reference is not None else logp.detach()
+                loss, stats = apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
+                                       micro["kl_weights"].to(device), mask, args.kl_beta, args.clip_eps,
+                                       args.loss_agg, token_total, len(rows))
+                loss.backward()
+                loss_sum += loss.item()
+                share = mask.sum().item() / token_total  # token-weighted share of this micro-batch in its mini-batch
+                for k in ("pg_loss", "kl_loss", "kl"):
+                    sums[k] += stats[k].item() / minibatches_per_step
+                sums["clip_fraction"] += stats["clip_fraction"].item() * share / minibatches_per_step
+                entropy_sum += (entropy * mask).sum().item()
+            sums["entropy"] += entropy_sum / token_total / minibatches_per_step
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            sums["grad_norm"] += grad_norm / minibatches_per_step
+            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+                optimizer.step()
+                state["bad_in_a_row"] = 0
+            else:  # a non-finite loss or gradient would poison the weights and the Adam moments: skip the update
+                state["skipped_updates"] += 1
+                state["bad_in_a_row"] += 1
+                tqdm.write(f"step {step}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); update skipped")
+            state["updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        t_update = time.perf_counter() - timer
+        state["step"] = step + 1
+
+        # --- logging: one JSON line per step (metrics.jsonl) and a few full samples (samples.jsonl)
+        mask = batch["response_mask"].bool()
+        lengths_f, acc_f, wrong = lengths.float(), correct.flatten(), ~correct.flatten()
+        positive, negative = advantages.flatten() > 0, wrong
+        metrics = {
+            "step": step, "reward": rewards.mean().item(), "accuracy": accuracy.mean().item(),
+            "format_rate": (fmt > 0).float().mean().item(), "response_length": lengths_f.mean().item(),
+            "response_length_correct": lengths_f.flatten()[acc_f].mean().item() if acc_f.any() else None,
+            "response_length_wrong": lengths_f.flatten()[wrong].mean().item() if wrong.any() else None,
+            "truncated_rate": batch["truncated"].float().mean().item(),
+            "kl": sums["kl"], "kl_loss": sums["kl_loss"], "entropy": sums["entropy"], "clip_fraction": sums["clip_fraction"],
+            "pg_loss": sums["pg_loss"], "grad_norm": sums["grad_norm"],
+            "dads_weight_pos_mean": kl_weights.flatten()[positive].mean().item() if positive.any() else None,
+            "stcr_mult_neg_mean": stcr.flatten()[negative].mean().item() if negative.any() else None,
+            "stcr_mult_neg_max": stcr.flatten()[negative].max().item() if negative.any() else None,
+            "equal_reward_groups": (rewards.std(-1) == 0).float().mean().item(),
+            "lr": optimizer.param_groups[0]["lr"], "bad_rows": state["bad_rows"],
+            "skipped_updates": state["skipped_updates"],
+            "seconds_rollout": t_rollout, "seconds_reward": t_reward, "seconds_logprobs": t_logprobs,
+            "seconds_update": t_update,
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(out / "samples.jsonl", "a") as f:
+            for b in range(min(args.log_samples, B)):
+                f.write(json.dumps({"step": step, "problem": examples[b]["problem"], "answer": examples[b]["answer"],
+                                    "responses": batch["texts"][b * G:(b + 1) * G],
+                                    "rewards": rewards[b].tolist(), "advantages": advantages[b].tolist()}) + "\n")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                        len=f"{metrics['response_length']:.0f}")
+
+        if state["bad_in_a_row"] >= args.max_bad_updates:
+            checkpoint(f"checkpoint-{step + 1:06d}")
+            sys.exit(f"{state['bad_in_a_row']} updates in a row had a non-finite loss or gradient: stopped after "
+                     f"saving {out}/checkpoint-{step + 1:06d}. Lower --lr or check the data.")
+        if stop_signal or (step + 1) % args.save_every == 0:
+            checkpoint(f"checkpoint-{step + 1:06d}")
+        if stop_signal:
+            print(f"\nstopped by signal {stop_signal[0]}: saved {out}/checkpoint-{step + 1:06d}; "
+                  "continue with the same command and --resume")
+            return out
+    bar.close()
+    checkpoint("final", keep_last=0)
+    return out
+
+
+if __name__ == "__main__":
+    train(parse_args())

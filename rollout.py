@@ -1,0 +1,157 @@
+"""Rollouts for APO: prompts, G sampled responses per prompt, and per-token log-probs of those responses.
+
+Everything here is about turning (image, problem) pairs into tensors and back; the algorithm itself is in `apo.py`.
+A rollout batch is a plain dict of tensors, N = B·G responses, P = prompt length (left-padded), T = response length:
+
+    input_ids       [N, P+T]   prompt then response, pad after the response's EOS
+    attention_mask  [N, P+T]   1 on real prompt tokens and on response tokens up to and including the first EOS
+    mm_token_type_ids [N, P+T] 1 on image tokens of the prompt, 0 elsewhere (the completion is all text)
+    pixel_values    [sum_n patches_n, C·t·p·p]   the images' patches, sample after sample
+    image_grid_thw  [N, 3]     each image's patch grid; sample n owns image_grid_thw[n].prod() rows of pixel_values
+    response_mask   [N, T]     1 on response tokens up to and including the first EOS
+    prompt_len      int        P
+"""
+
+import torch
+import torch.nn.functional as F
+from qwen_vl_utils import fetch_image
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig
+
+INSTRUCTION = ("First think through the problem step by step inside <think> </think>, "
+               "then give only the final answer inside <answer> </answer>.")
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_messages(problem: str) -> list:
+    """One user turn: the image, the problem, then the format instruction (APO_SPEC §1, Decision on the prompt)."""
+    problem = problem.replace("<image>", "").strip()  # geo3k marks the image's place; the chat template places it
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{problem}\n{INSTRUCTION}"}]}]
+
+
+def encode_prompts(processor, images: list, problems: list, min_pixels: int, max_pixels: int) -> dict:
+    """Chat prompts for a batch of (image, problem), left-padded so that generation continues every row at the end."""
+    texts = [processor.apply_chat_template(build_messages(p), add_generation_prompt=True, tokenize=False)
+             for p in problems]
+    # qwen-vl-utils resizes each image to a multiple of 28 px within the pixel budget, as Qwen's own pipeline does.
+    images = [fetch_image({"image": im, "min_pixels": min_pixels, "max_pixels": max_pixels}) for im in images]
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left",
+                          images_kwargs={"size": size}))
+
+
+def pixel_slices(image_grid_thw: torch.Tensor) -> list:
+    """Row range of `pixel_values` owned by each sample: sample n has image_grid_thw[n].prod() patches."""
+    ends = image_grid_thw.prod(-1).cumsum(0).tolist()
+    return [slice(start, end) for start, end in zip([0] + ends[:-1], ends)]
+
+
+def select(batch: dict, rows: list) -> dict:
+    """The samples `rows` of a batch (any order, repeats allowed), with their images' patches carried along."""
+    slices = pixel_slices(batch["image_grid_thw"])
+    out = {k: v[rows] if torch.is_tensor(v) else [v[r] for r in rows] if isinstance(v, list) else v
+           for k, v in batch.items()}
+    out["pixel_values"] = torch.cat([batch["pixel_values"][slices[r]] for r in rows])
+    return out
+
+
+def generation_config(processor, max_new_tokens: int, temperature: float, top_p: float,
+                      do_sample: bool = True) -> GenerationConfig:
+    """Sampling settings written out in full, so that nothing is inherited from the checkpoint's own
+    generation_config.json (Qwen2.5-VL-Instruct ships top_k=1, top_p=0.001, temperature 0.1 and a repetition
+    penalty: near-greedy decoding, which would make every response of a group the same)."""
+    tok = processor.tokenizer
+    eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
+    return GenerationConfig(
+        do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+        top_k=None, repetition_penalty=None, max_new_tokens=max_new_tokens, eos_token_id=eos,
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), use_cache=True,
+        # A sampled vision token would make the next forward look for an image that is not there: forbid them.
+        suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS))
+
+
+@torch.no_grad()
+def sample_responses(model, processor, prompts: dict, group_size: int, gen_config: GenerationConfig,
+                     generation_batch_size: int = 0) -> dict:
+    """G responses per prompt. Returns the rollout batch described at the top of this file, plus
+    `response_ids` [N, T], `lengths` [N] (tokens up to and including EOS), `truncated` [N] (no EOS) and `texts`."""
+    n_prompts = prompts["input_ids"].shape[0]
+    batch = select(prompts, [i for i in range(n_prompts) for _ in range(group_size)])  # prompt i -> rows i·G .. i·G+G-1
+    prompt_len, device = batch["input_ids"].shape[1], model.device
+    # Gradient checkpointing switches the KV cache off in training mode; decoding without it recomputes the whole
+    # prefix at every step (~100x slower). eval() + no_grad + use_cache=True in the config keep it on.
+    was_training = model.training
+    model.eval()
+    n = batch["input_ids"].shape[0]
+    step = generation_batch_size or n
+    chunks = []
+    for start in range(0, n, step):
+        part = select(batch, list(range(start, min(start + step, n))))
+        part = {k: v.to(device) for k, v in part.items()}
+        chunks.append(model.generate(**part, generation_config=gen_config)[:, prompt_len:].cpu())
+    model.train(was_training)
+    width = max(c.shape[1] for c in chunks)
+    response_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=gen_config.pad_token_id) for c in chunks])
+
+    is_eos = torch.isin(response_ids, torch.tensor(gen_config.eos_token_id))
+    # Mask up to and including the first EOS: cumsum of EOS flags is 0 before it, and the EOS itself is counted.
+    before_eos = (is_eos.cumsum(-1) - is_eos.long()) == 0
+    response_mask = before_eos.long()
+    truncated = ~is_eos.any(-1)
+    batch.update(
+        input_ids=torch.cat([batch["input_ids"], response_ids], 1),
+        attention_mask=torch.cat([batch["attention_mask"], response_mask], 1),
+        mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response_ids)], 1),
+        response_ids=response_ids, response_mask=response_mask, lengths=response_mask.sum(-1), truncated=truncated,
+        prompt_len=prompt_len,
+        texts=processor.batch_decode([r[m.bool()] for r, m in zip(response_ids, response_mask)],
+                                     skip_special_tokens=True))
+    return batch
+
+
+def _token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """log π(target) and the entropy of π, for a chunk of positions: hidden [n, H], targets [n] -> [n], [n]."""
+    logits = (hidden @ lm_head_weight.T).float() / temperature  # [n, V] fp32: the sampling distribution at T
+    logp_all = logits.log_softmax(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()   # for logging only: no gradient through it
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int = 1024):
+    """Per-token log-probs and entropies of the response tokens under `model`: ([n, T], [n, T]).
+
+    One forward over prompt + response. `mm_token_type_ids` must be passed: it is what lets the model rebuild the
+    3D rotary positions of the image tokens; without it the positions differ from those used during generation and
+    the log-probs drift. The vocabulary projection runs in chunks of `chunk_tokens` positions, each recomputed
+    during backward (activation checkpointing), so fp32 logits exist for one chunk at a time, never for the whole
+    micro-batch (151,936 × tokens × 4 bytes).
+    """
+    device, P = model.device, batch["prompt_len"]
+    inputs = {k: batch[k].to(device) for k in
+              ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [n, P+T, H]
+    hidden = hidden[:, P - 1:-1]                                       # position t predicts token t+1: [n, T, H]
+    targets = inputs["input_ids"][:, P:]                               # [n, T]
+    n, T, H = hidden.shape
+    flat_hidden, flat_targets = hidden.reshape(n * T, H), targets.reshape(n * T)
+    weight = model.lm_head.weight
+    logps, entropies = [], []
+    for start in range(0, n * T, chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_token_logprobs, flat_hidden[piece], weight, flat_targets[piece], temperature,
+                                 use_reentrant=False)
+        else:
+            lp, ent = _token_logprobs(flat_hidden[piece], weight, flat_targets[piece], temperature)
+        logps.append(lp)
+        entropies.append(ent)
+    return torch.cat(logps).view(n, T), torch.cat(entropies).view(n, T)
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch: dict, temperature: float, micro_batch_size: int, chunk_tokens: int = 1024):
+    """`response_logprobs` over a whole rollout batch, `micro_batch_size` sequences at a time: ([N, T], [N, T])."""
+    N = batch["input_ids"].shape[0]
+    parts = [response_logprobs(model, select(batch, list(range(s, min(s + micro_batch_size, N)))), temperature,
+                               chunk_tokens) for s in range(0, N, micro_batch_size)]
+    return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
