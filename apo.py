@@ -339,11 +339,12 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", tok
     adv = advantages[:, None]                                               # the same Â_i on every token, [n, 1]
     clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)            # −min(ρ_t Â_i, clip(ρ_t, 1±ε) Â_i)
+    clipped = (clipped_ratio * adv < ratio * adv).float()                   # tokens where the clip binds
     if agg == "token":   # mean over every response token of the mini-batch (default, APO_SPEC §7 Decision)
         loss = (per_token * mask).sum() / (token_total or mask.sum())
     else:                # mean over each response's tokens, then over responses (the GRPO paper's form)
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / (seq_total or mask.shape[0])
-    clip_fraction = (((ratio - clipped_ratio).abs() > 0).float() * mask).sum() / mask.sum().clamp(min=1)
+    clip_fraction = (clipped * mask).sum() / mask.sum().clamp(min=1)
     return loss, clip_fraction.detach()
 
 
@@ -411,6 +412,54 @@ def cosine_schedule(step: int, total: int, warmup_ratio: float, lr: float, min_l
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
+    """One pass over a rollout's B·G responses (APO_SPEC §8): shuffled mini-batches of `args.mini_batch_size`
+    responses, one optimizer step each at learning rate lrs[i], gradients accumulated over micro-batches.
+
+    `batch` is a rollout batch (rollout.py) plus advantages and kl_weights [N], ref_logp [N, T] (None without a
+    reference), and old_logp [N, T] unless there is a single mini-batch: then ℓ_old is ℓ_θ itself (detached), the
+    ratio is 1 and the clip never binds, which is exact on-policy GRPO and saves a forward pass.
+    Returns the stats averaged over the mini-batches, and `finite`: per optimizer step, whether it was taken. A step
+    with a non-finite loss or gradient norm is skipped: it would poison the weights and the Adam moments."""
+    device, N = model.device, batch["input_ids"].shape[0]
+    n_updates = len(lrs)
+    order = torch.randperm(N).tolist()
+    sums = {"pg_loss": 0.0, "kl_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+            "finite": []}
+    for lr, start in zip(lrs, range(0, N, args.mini_batch_size)):
+        rows = order[start:start + args.mini_batch_size]
+        token_total = batch["response_mask"][rows].sum().item()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, entropy_sum = 0.0, 0.0
+        for micro_start in range(0, len(rows), args.micro_batch_size):
+            micro = rollout.select(batch, rows[micro_start:micro_start + args.micro_batch_size])
+            logp, entropy = rollout.response_logprobs(model, micro, args.temperature, args.logprob_chunk)  # [n, T]
+            mask = micro["response_mask"].to(device)
+            old_logp = micro["old_logp"].to(device) if "old_logp" in micro else logp.detach()
+            ref_logp = micro["ref_logp"].to(device) if micro.get("ref_logp") is not None else logp.detach()
+            loss, stats = apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
+                                   micro["kl_weights"].to(device), mask, args.kl_beta, args.clip_eps, args.loss_agg,
+                                   token_total, len(rows))
+            loss.backward()
+            loss_sum += loss.item()
+            share = mask.sum().item() / token_total  # this micro-batch's share of the mini-batch's tokens
+            for k in ("pg_loss", "kl_loss", "kl"):
+                sums[k] += stats[k].item() / n_updates
+            sums["clip_fraction"] += stats["clip_fraction"].item() * share / n_updates
+            entropy_sum += (entropy * mask).sum().item()
+        sums["entropy"] += entropy_sum / token_total / n_updates
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        sums["grad_norm"] += grad_norm / n_updates
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+        sums["finite"].append(finite)
+    optimizer.zero_grad(set_to_none=True)
+    return sums
 
 
 # ------------------------------------------------------------------------------------------ models and checkpoints
@@ -598,45 +647,14 @@ def train(args: Args) -> Path:
                                                       args.logprob_chunk)[0] if reference is not None else None)
         t_logprobs = time.perf_counter() - timer
 
-        # --- update: one pass over the B·G responses in shuffled mini-batches, each accumulated over micro-batches
+        # --- update: one pass over the B·G responses in mini-batches (§8)
         timer = time.perf_counter()
-        order = torch.randperm(B * G).tolist()
-        sums = {"pg_loss": 0.0, "kl_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        for start in range(0, B * G, args.mini_batch_size):
-            rows = order[start:start + args.mini_batch_size]
-            token_total = batch["response_mask"][rows].sum().item()
-            optimizer.zero_grad(set_to_none=True)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(state["updates"])
-            loss_sum, entropy_sum = 0.0, 0.0
-            for micro_start in range(0, len(rows), args.micro_batch_size):
-                micro = rollout.select(batch, rows[micro_start:micro_start + args.micro_batch_size])
-                logp, entropy = rollout.response_logprobs(model, micro, args.temperature, args.logprob_chunk)
-                mask = micro["response_mask"].to(device)
-                old_logp = logp.detach() if on_policy else micro["old_logp"].to(device)
-                ref_logp = micro["ref_logp"].to(device) if reference is not None else logp.detach()
-                loss, stats = apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
-                                       micro["kl_weights"].to(device), mask, args.kl_beta, args.clip_eps,
-                                       args.loss_agg, token_total, len(rows))
-                loss.backward()
-                loss_sum += loss.item()
-                share = mask.sum().item() / token_total  # token-weighted share of this micro-batch in its mini-batch
-                for k in ("pg_loss", "kl_loss", "kl"):
-                    sums[k] += stats[k].item() / minibatches_per_step
-                sums["clip_fraction"] += stats["clip_fraction"].item() * share / minibatches_per_step
-                entropy_sum += (entropy * mask).sum().item()
-            sums["entropy"] += entropy_sum / token_total / minibatches_per_step
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-            sums["grad_norm"] += grad_norm / minibatches_per_step
-            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
-                optimizer.step()
-                state["bad_in_a_row"] = 0
-            else:  # a non-finite loss or gradient would poison the weights and the Adam moments: skip the update
-                state["skipped_updates"] += 1
-                state["bad_in_a_row"] += 1
-                tqdm.write(f"step {step}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); update skipped")
-            state["updates"] += 1
-        optimizer.zero_grad(set_to_none=True)
+        lrs = [lr_at(state["updates"] + i) for i in range(minibatches_per_step)]
+        sums = update_policy(model, batch, optimizer, args, lrs)
+        state["updates"] += minibatches_per_step
+        for finite in sums.pop("finite"):
+            state["bad_in_a_row"] = 0 if finite else state["bad_in_a_row"] + 1
+            state["skipped_updates"] += not finite
         t_update = time.perf_counter() - timer
         state["step"] = step + 1
 

@@ -16,7 +16,9 @@ import re
 import signal
 
 from math_verify import parse, verify
-from sympy import Basic
+from math import inf
+
+from sympy import Basic, E, Float, Pow, Rational, exp
 from sympy.core.parameters import global_parameters
 
 # We switch math-verify's own timeouts off and keep time ourselves (_guarded); silence its warning about it.
@@ -69,42 +71,48 @@ def extract_answer(response: str) -> str | None:
 
 
 # --- Time budget. No response may stall training, and math-verify's own timeouts don't fit: they use
-# signal.alarm (whole seconds, main thread only, raising ValueError elsewhere) and each of parse/verify
-# arms its own alarm. So (1) _too_costly() rejects, before sympy sees them, answers whose cost explodes:
-# long ones, deep brackets (antlr's time doubles per nested brace: 0.2 s at depth 6, 2.4 s at 12),
-# factorials/binomials/sums/..., power towers and big exponents (10^{10^{10}} is one C-level big-int pow that
-# no signal can interrupt); such answers score 0. (2) In the main thread, a SIGALRM timer (setitimer, so
-# fractions of a second) interrupts whatever pure-Python work is left after _BUDGET_S. Elsewhere only (1) holds.
-_MAX_CHARS, _MAX_DEPTH, _MAX_EXP_DIGITS, _BUDGET_S = 200, 5, 4, 0.4
+# signal.alarm (whole seconds, main thread only, ValueError elsewhere), one per parse and per verify.
+# Measured dangers: antlr's parse time doubles per nested brace (0.2 s at depth 6, 2.4 s at 12); sympy spends
+# seconds in ONE C-level big-int call that no signal interrupts (sqrt(10^2000 + 1): 1.5 s in a primality test;
+# 10^{10^{10}}: forever); symbolic powers expand without end ((x+y+z)^{99}, \cos(\pi/7)^{300}: > 8 s).
+# So: (1) _too_costly() rejects, before parsing, long answers, deep brackets and factorials/sums/...;
+# (2) _size() bounds, on the unevaluated tree that parse() returns, the integers and terms sympy could build,
+# and rejects power towers and big powers before verify() runs; rejected answers score 0;
+# (3) in the main thread a SIGALRM timer (setitimer: fractions of a second) stops any pure-Python work left
+# after _BUDGET_S. Outside the main thread only (1) and (2) hold.
+_MAX_CHARS, _MAX_DEPTH, _MAX_SIZE, _BUDGET_S = 200, 5, 2000, 0.4
 _EXPLOSIVE = re.compile(r"[\w)}\]]\s*!|\\binom|\\choose|\\Gamma|\\prod|\\sum|\\int|\\lim")
-_POWER = re.compile(r"\^|\*\*|\\exp")
 
 
 def _too_costly(s: str) -> bool:
     if len(s) > _MAX_CHARS or _EXPLOSIVE.search(s):
         return True
-    s = s.replace("\\left", "").replace("\\right", "")  # pure delimiters: `\left(` must read as `(`
-    stack, ends = [], {}  # ends: index of an opening bracket -> index just after its closing one
-    for i, c in enumerate(s):
-        if c in "{([":
-            stack.append(i)
-        elif c in "})]":
-            if not stack:
-                return True  # unbalanced: malformed anyway, and math-verify would "repair" it
-            ends[stack.pop()] = i + 1
-        if len(stack) > _MAX_DEPTH:
+    depth = 0
+    for c in s:
+        depth += (c in "{([") - (c in "})]")
+        if depth > _MAX_DEPTH:
             return True
-    if stack:
-        return True
-    digits = 0
-    for m in _POWER.finditer(s):  # the exponent: a bracketed group, else one token
-        i = len(s) - len(s[m.end():].lstrip())
-        j = ends.get(i) or i + re.match(r"\\[A-Za-z]+|[\d.]+|.?", s[i:], re.DOTALL).end()
-        n = sum(c.isdigit() for c in s[i:j])
-        if n > 3 or _POWER.search(s[i:j]) or _POWER.match(s[j:].lstrip()):
-            return True  # a big exponent, or a tower: 9^{9^9}, 9^9^9, 10**10**10, \exp(\exp(9))
-        digits += n
-    return digits > _MAX_EXP_DIGITS
+    return False
+
+
+def _size(e) -> float:
+    """Rough bound on the bits of the integers, or the number of terms, that sympy may build from e."""
+    if not isinstance(e, Basic):
+        return 0  # math-verify's string fallback
+    if isinstance(e, Rational):  # Integer included
+        return e.p.bit_length() + e.q.bit_length()
+    if isinstance(e, Float):  # mantissa bits + |binary exponent|: 1e99999 would become a huge Rational
+        return e._mpf_[3] + abs(e._mpf_[2])
+    if isinstance(e, (Pow, exp)):
+        base, x = e.args if isinstance(e, Pow) else (E, e.args[0])
+        if not x.is_number:
+            n = 1.0  # a symbolic exponent: nothing to compute
+        else:  # evaluate the exponent only when it is small: this is what catches towers like 9^{9^{9}}
+            n = abs(complex(x)) if _size(x) <= 64 else inf
+        b = max(_size(base), 1)
+        # b^n terms when a sum is raised to a power, b·n bits when an integer is
+        return b * max(n, 1) if isinstance(base, Rational) or b == 1 else min(b, _MAX_SIZE) ** min(n, 64) + b * n
+    return 1 + sum(_size(a) for a in e.args)  # Add, Mul, functions, relations...: about additive
 
 
 class _OutOfTime(BaseException):  # not an Exception: math-verify's `except Exception` must not swallow it
@@ -149,6 +157,11 @@ def _parse_math(text: str) -> list:
     return parse(text, parsing_timeout=None)
 
 
+def _verify(gold: list, text: str) -> bool:
+    pred = _parse_math(text)
+    return max(map(_size, pred), default=0) <= _MAX_SIZE and verify(gold, pred, timeout_seconds=None)
+
+
 _LETTER_GOLD = re.compile(r"\(?([A-F])\)?")  # "D" or "(D)": a multiple-choice gold (Decision, APO_SPEC §1)
 # The leading choice letter: "D", "D.", "(D) 80 degrees", "**D**", "\text{D}"; not "Done".
 _LETTER_PRED = re.compile(r"\W*(?:\\(?:text|textbf|mathrm|mathbf)\{)?\W*([A-F])(?![A-Za-z0-9])")
@@ -164,6 +177,7 @@ def parse_gold(answer: str):
                 parsed = letter.group(1)
             else:
                 parsed = None if _too_costly(answer) else _guarded(_parse_math, answer)
+                parsed = None if parsed is None or max(map(_size, parsed), default=0) > _MAX_SIZE else parsed
             # A parse that yields only math-verify's string fallback (no sympy object) is a failure.
             if isinstance(parsed, str) or (parsed and any(isinstance(p, Basic) for p in parsed)):
                 _GOLDS[answer] = parsed
@@ -183,6 +197,6 @@ def accuracy_reward(response: str, answer: str) -> float:
             return float(bool(m) and m.group(1) == gold)
         if _too_costly(pred):
             return 0.0
-        return 1.0 if _guarded(lambda: verify(gold, _parse_math(pred), timeout_seconds=None)) else 0.0
+        return 1.0 if _guarded(_verify, gold, pred) else 0.0
     except (Exception, _OutOfTime):  # a reward must never take training down
         return 0.0

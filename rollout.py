@@ -52,6 +52,12 @@ def select(batch: dict, rows: list) -> dict:
     out = {k: v[rows] if torch.is_tensor(v) else [v[r] for r in rows] if isinstance(v, list) else v
            for k, v in batch.items()}
     out["pixel_values"] = torch.cat([batch["pixel_values"][slices[r]] for r in rows])
+    if "response_mask" in batch:  # drop the columns that are padding for every selected response
+        T, keep = batch["response_mask"].shape[1], int(out["response_mask"].sum(-1).max())
+        P = batch["prompt_len"]
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.dim() == 2 and k != "pixel_values" and v.shape[1] in (T, P + T):
+                out[k] = v[:, :keep] if v.shape[1] == T else v[:, :P + keep]
     return out
 
 

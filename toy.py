@@ -89,3 +89,143 @@ def build_model_folder(path, seed: int = 0, **config_overrides) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- the toy task
+# Each image holds one regular polygon (3 to 6 sides) in one of four colours, at a random place, size and angle, on a
+# light background. Two kinds of question, both unanswerable without the image:
+#   "How many sides does the shape have?"                                 -> "3" .. "6"
+#   "What colour is the shape? A. red B. green C. blue D. yellow"         -> "A" .. "D"
+# Golds are numbers and letters, which reward.parse_gold reads (a word like "red" would not parse).
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SIDES = (3, 4, 5, 6)
+QUESTIONS = {"sides": "<image>How many sides does the shape have?",
+             "colour": "<image>What colour is the shape? " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", COLOURS))}
+IMAGE_SIZE = 56
+SPLIT_SIZES = {"train": 2000, "test": 200}
+
+
+def draw_shape(sides: int, colour: str, rng: random.Random):
+    """A regular polygon of `sides` sides in `colour`, placed, sized and turned at random: a PIL RGB image."""
+    import math
+    from PIL import Image, ImageDraw
+
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
+    radius = rng.uniform(14, 24)
+    cx, cy = (rng.uniform(radius + 2, IMAGE_SIZE - radius - 2) for _ in range(2))
+    angle = rng.uniform(0, 2 * math.pi)
+    corners = [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+                cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
+    ImageDraw.Draw(image).polygon(corners, fill=COLOURS[colour])
+    return image
+
+
+def toy_rows(split: str, seed: int) -> list:
+    """The rows of a split as dicts {'images': [PIL], 'problem', 'answer'}; deterministic in (split, seed).
+
+    Both splits come from one random stream: the first SPLIT_SIZES['train'] drawings are the train split, the next
+    ones the test split, so the two never share an image."""
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"the toy data has splits {sorted(SPLIT_SIZES)}, not {split!r}")
+    rng = random.Random(f"toy-{seed}")
+    rows = []
+    for i in range(SPLIT_SIZES["train"] + SPLIT_SIZES["test"]):
+        sides, colour, kind = rng.choice(SIDES), rng.choice(list(COLOURS)), rng.choice(list(QUESTIONS))
+        image = draw_shape(sides, colour, rng)  # always drawn, so the stream (and the test split) stays the same
+        if (i < SPLIT_SIZES["train"]) == (split == "train"):
+            answer = str(sides) if kind == "sides" else "ABCD"[list(COLOURS).index(colour)]
+            rows.append({"images": [image], "problem": QUESTIONS[kind], "answer": answer})
+    return rows
+
+
+def toy_dataset(split: str, seed: int = 0):
+    """The toy task as a `datasets.Dataset` with the geo3k columns: images (a list of one image), problem, answer."""
+    import datasets
+
+    rows = toy_rows(split, seed)
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+# -------------------------------------------------------------------------------------------- the starting model
+# A random-weight model never writes <think>…</think> <answer>…</answer>, so RL would have no reward to work with.
+# An instruct model starts RL knowing the format but not the answers; the toy's starting model is made the same way:
+# a short supervised warm start on responses in the format whose answer is drawn at random from the question's
+# choices, independent of the image. It learns the format and which kind of answer each question takes (a number
+# or a letter), not which one is right: its held-out accuracy is chance, ~1/4.
+THOUGHTS = ["The shape.", "Find the shape in the image.", "Solve the problem in the image step by step."]
+WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={})  # part of the cache key: change it, rebuild
+CACHE = Path(__file__).resolve().parent / ".toy_cache"                   # git-ignored
+
+
+def warm_start_target(problem: str, rng: random.Random) -> str:
+    """A response in the format, with a random thought and a random (not the right) answer to the question."""
+    choices = list("ABCD") if "colour" in problem else [str(s) for s in SIDES]
+    return f"<think> {rng.choice(THOUGHTS)} </think> <answer> {rng.choice(choices)} </answer>"
+
+
+def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: int):
+    """Supervised fine-tuning on format-only targets: mean −log π(target token) over the target tokens."""
+    import rollout
+
+    rng = random.Random(seed)
+    rows = toy_rows("train", seed=-1 - seed)  # drawings of their own, not the task's train or test images
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        rows_ = rng.sample(rows, batch_size)
+        prompts = rollout.encode_prompts(processor, [r["images"][0] for r in rows_], [r["problem"] for r in rows_],
+                                         IMAGE_SIZE ** 2 // 4, IMAGE_SIZE ** 2)
+        targets = [tok(warm_start_target(r["problem"], rng))["input_ids"] + [eos] for r in rows_]
+        width = max(map(len, targets))
+        target_ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in targets])   # [n, T]
+        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])            # [n, T]
+        batch = dict(prompts, input_ids=torch.cat([prompts["input_ids"], target_ids], 1),
+                     attention_mask=torch.cat([prompts["attention_mask"], mask], 1),
+                     mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(mask)], 1),
+                     prompt_len=prompts["input_ids"].shape[1])
+        logp, _ = rollout.response_logprobs(model, batch, temperature=1.0)
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def starting_model() -> Path:
+    """The toy's starting model (`--model toy`): built on first use (seconds), then read from `.toy_cache/`.
+
+    The folder name holds a hash of the recipe, so a changed recipe builds a new model. The build happens in a
+    temporary folder renamed into place when complete: a killed build leaves nothing half-written, and of two
+    processes building at once, the second to finish finds the folder there and drops its own copy."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    recipe = json.dumps({**WARM_START, "thoughts": THOUGHTS, "questions": QUESTIONS}, sort_keys=True)
+    final = CACHE / f"starting-model-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    if (final / "config.json").exists():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".build-"))
+    try:
+        build_model_folder(tmp, WARM_START["seed"], **WARM_START["model"])
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+        processor = build_processor()
+        warm_start(model, processor, WARM_START["steps"], WARM_START["batch_size"], WARM_START["lr"],
+                   WARM_START["seed"])
+        model.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: its model is the same
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,156 @@
+"""rollout.py on a tiny random Qwen2.5-VL: prompts, sampling, masks, micro-batching and log-probs."""
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+import rollout
+
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, processor = tiny
+    images = [Image.new("RGB", (56, 84), "red"), Image.new("RGB", (120, 60), "blue"), Image.new("RGB", (40, 40))]
+    problems = ["<image>How many sides?", "What colour is the shape, and how long is this prompt?", "Find x."]
+    return rollout.encode_prompts(processor, images, problems, 28 * 28, 112 * 112)
+
+
+def test_prompt_layout(tiny, prompts):
+    _, processor = tiny
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()  # left padding: every prompt ends at the right edge
+    assert torch.equal(prompts["mm_token_type_ids"].bool(), ids == image_pad)
+    # each sample holds as many image tokens as its patch grid gives after the 2×2 merge
+    assert torch.equal((ids == image_pad).sum(-1), prompts["image_grid_thw"].prod(-1) // 4)
+    text = processor.decode(ids[0][mask[0].bool()])
+    assert "<image>" not in text and text.endswith("<|im_start|>assistant\n")
+    assert "<|vision_start|><|image_pad|>" in text and rollout.INSTRUCTION in text
+
+
+def test_select_slices_pixels_per_sample(tiny, prompts):
+    _, processor = tiny
+    picked = rollout.select(prompts, [2, 0, 0])
+    slices = rollout.pixel_slices(prompts["image_grid_thw"])
+    expected = torch.cat([prompts["pixel_values"][slices[i]] for i in (2, 0, 0)])
+    assert torch.equal(picked["pixel_values"], expected)
+    assert torch.equal(picked["input_ids"], prompts["input_ids"][[2, 0, 0]])
+    assert picked["pixel_values"].shape[0] == picked["image_grid_thw"].prod(-1).sum()
+
+
+def sample(model, processor, prompts, group_size=2, max_new_tokens=10, seed=0, **extra):
+    config = rollout.generation_config(processor, max_new_tokens, TEMPERATURE, 1.0)
+    for k, v in extra.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    return rollout.sample_responses(model, processor, prompts, group_size, config)
+
+
+def test_training_forward_logprobs_equal_generation_logprobs(tiny, prompts):
+    """The log-probs that the loss uses are those of the distribution the responses were sampled from (fp32)."""
+    model, processor = tiny
+    config = rollout.generation_config(processor, 10, TEMPERATURE, 1.0)
+    config.output_logits, config.return_dict_in_generate = True, True
+    batch = rollout.select(prompts, [0, 0, 1, 1, 2, 2])
+    torch.manual_seed(0)
+    out = model.generate(**batch, generation_config=config)
+    P = batch["input_ids"].shape[1]
+    sampled = out.sequences[:, P:]
+    generation_logp = torch.stack([(logits / TEMPERATURE).log_softmax(-1).gather(-1, sampled[:, t:t + 1])[:, 0]
+                                   for t, logits in enumerate(out.logits)], 1)
+
+    rolled = sample(model, processor, prompts, group_size=2, seed=0)  # same seed: the same samples
+    assert torch.equal(rolled["response_ids"], sampled)
+    logp, entropy = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=4, chunk_tokens=7)
+    mask = rolled["response_mask"].bool()
+    assert (logp - generation_logp)[mask].abs().max().item() < 1e-5
+    assert (entropy[mask] > 0).all()
+
+    # The trap this guards against: without mm_token_type_ids the image tokens get text positions and log-probs drift.
+    without = dict(rolled, mm_token_type_ids=torch.zeros_like(rolled["mm_token_type_ids"]))
+    drift = (rollout.batched_logprobs(model, without, TEMPERATURE, 6)[0] - generation_logp)[mask].abs().max().item()
+    assert drift > 1e-4
+
+
+def test_micro_batching_does_not_change_logprobs(tiny, prompts):
+    model, processor = tiny
+    rolled = sample(model, processor, prompts, group_size=3)
+    whole, _ = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=9)
+    mask = rolled["response_mask"].bool()
+    for micro in (1, 2, 4):
+        parts, _ = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=micro, chunk_tokens=5)
+        assert (parts - whole)[mask].abs().max().item() < 1e-5
+
+
+@pytest.fixture
+def biased(tiny_model_dir):
+    """A tiny model that prefers the given tokens: their output-projection rows are pushed along the final norm's
+    weight, which raises their logits at every position (strength 0.2 for EOS ends about half the responses of 12
+    tokens early, measured with the seeds below)."""
+    def make(token_ids, strength):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight.data = model.lm_head.weight.data.clone()  # untie: the input embeddings stay as they are
+            model.lm_head.weight[token_ids] += strength * model.model.language_model.norm.weight
+        return model
+    return make
+
+
+def test_vision_tokens_are_never_sampled(tiny, prompts, biased):
+    _, processor = tiny
+    vision_ids = processor.tokenizer.convert_tokens_to_ids(rollout.VISION_TOKENS)
+    model = biased(vision_ids, 3.0)
+    # without suppression, this model samples vision tokens all the time
+    unguarded = sample(model, processor, prompts, group_size=4, suppress_tokens=None)
+    assert torch.isin(unguarded["response_ids"], torch.tensor(vision_ids)).float().mean() > 0.3
+    rolled = sample(model, processor, prompts, group_size=4)
+    assert not torch.isin(rolled["response_ids"], torch.tensor(vision_ids)).any()
+
+
+def test_response_mask_stops_after_the_first_eos(tiny, prompts, biased):
+    _, processor = tiny
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = biased([eos], 0.2)  # makes EOS likely enough that some responses end early and some run to the limit
+    rolled = sample(model, processor, prompts, group_size=6, max_new_tokens=12)
+    ids, mask, lengths = rolled["response_ids"], rolled["response_mask"], rolled["lengths"]
+    assert rolled["truncated"].any() and (~rolled["truncated"]).any()
+    for row in range(ids.shape[0]):
+        n = int(lengths[row])
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        eos_at = (ids[row] == eos).nonzero().flatten().tolist()
+        if rolled["truncated"][row]:
+            assert n == ids.shape[1] and not eos_at
+        else:
+            assert eos_at[0] == n - 1  # the mask includes the first EOS and nothing after it
+    assert torch.equal(rolled["attention_mask"][:, rolled["prompt_len"]:], mask)
+    # decoded text is the masked response without special tokens
+    row = int((~rolled["truncated"]).nonzero()[0])
+    assert rolled["texts"][row] == processor.decode(ids[row, :int(lengths[row]) - 1])
+
+
+def test_select_trims_columns_that_are_padding_everywhere(tiny, prompts, biased):
+    _, processor = tiny
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rolled = sample(biased([eos], 0.2), processor, prompts, group_size=6, max_new_tokens=12)
+    short = int(rolled["lengths"].argmin())
+    picked = rollout.select(rolled, [short])
+    n, P = int(rolled["lengths"][short]), rolled["prompt_len"]
+    assert picked["response_mask"].shape[1] == n and picked["input_ids"].shape[1] == P + n
+    assert torch.equal(picked["input_ids"][0], rolled["input_ids"][short, :P + n])
+
+
+def test_generation_config_is_fully_explicit(tiny):
+    _, processor = tiny
+    config = rollout.generation_config(processor, 64, 1.0, 0.9)
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k) == (True, 1.0, 0.9, None)
+    assert config.repetition_penalty is None and config.use_cache
+    greedy = rollout.generation_config(processor, 64, 1.0, 1.0, do_sample=False)
+    assert not greedy.do_sample and greedy.temperature is None
