@@ -78,7 +78,7 @@ class Args:
     gradient_checkpointing: bool = True
     """recompute activations in backward: trades ~30% compute for most of the activation memory"""
     trust_remote_code: bool = False
-    """allow code shipped with a checkpoint or dataset to run (off unless you trust its source)"""
+    """allow code shipped with a checkpoint to run (off unless you trust its source)"""
     # rollout (APO_SPEC §8)
     prompts_per_step: int = 16
     """B, prompts per rollout (authors: 128 on 8 GPUs)"""
@@ -147,7 +147,7 @@ PRESETS = {
     "authors": dict(prompts_per_step=128, max_new_tokens=4096, max_prompt_tokens=9216, max_pixels=2_560_000,
                     mini_batch_size=64, shuffle=False, epochs=2, generation_batch_size=128),
     # The toy task of toy.py: a tiny model, small images, short answers, minutes on a laptop CPU.
-    "toy": dict(model="toy", prompts_per_step=8, group_size=8, max_new_tokens=24, lr=1e-3, min_lr=1e-4,
+    "toy": dict(model="toy", prompts_per_step=8, group_size=8, max_new_tokens=32, lr=1e-3, min_lr=1e-4,
                 mini_batch_size=64, micro_batch_size=64, max_pixels=56 * 56, min_pixels=28 * 28, kl_beta=1e-3,
                 gradient_checkpointing=False, steps=60, save_every=20, adam_betas=(0.9, 0.99)),
 }
@@ -211,8 +211,7 @@ def load_table(args: Args):
     elif path.suffix == ".parquet":
         table, base = datasets.load_dataset("parquet", data_files=str(path), split="train"), path.resolve().parent
     else:  # a Hub dataset id, or a local folder laid out like one (data/train-*.parquet, ...)
-        table = datasets.load_dataset(name, split=args.split, trust_remote_code=args.trust_remote_code or None) \
-            if args.trust_remote_code else datasets.load_dataset(name, split=args.split)
+        table = datasets.load_dataset(name, split=args.split)  # (datasets 5 never runs a dataset's own code)
         base = path.resolve() if path.is_dir() else None
     missing = [c for c in (args.image_column, args.problem_column, args.answer_column) if c not in table.column_names]
     if missing:
@@ -379,7 +378,13 @@ class AdamW(torch.optim.Optimizer):
     moments are fp32 (8 bytes). The catch: an Adam update is ~lr = 1e-6 per weight, while bf16 weights of size
     0.02 are 1.2e-4 apart, so rounding to nearest would throw every update away. Stochastic rounding moves a weight
     to the next bf16 value with probability (update / spacing): each weight follows its fp32 trajectory in
-    expectation. For fp32 weights this is exactly torch.optim.AdamW."""
+    expectation. For fp32 weights this is exactly torch.optim.AdamW (same operations in the same order).
+
+    The update runs on slices of `slice_size` weights: its fp32 temporaries (gradient, denominator, weight, and the
+    rounding's noise) take ~24 bytes per weight of a slice, 0.4 GiB, where a whole 151,936 × 2048 embedding would
+    take 7 GiB at the moment memory is fullest (weights, moments and gradients all resident)."""
+
+    slice_size = 1 << 24
 
     def __init__(self, params, lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -396,13 +401,16 @@ class AdamW(torch.optim.Optimizer):
                     state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
                                  exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
                 state["step"] += 1
-                grad, m, v, t = p.grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.lerp_(grad, 1 - beta1)                                 # m_t = β1·m + (1 − β1)·g
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)      # v_t = β2·v + (1 − β2)·g²
-                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
-                weight = p.float().mul_(1 - lr * wd)                     # decoupled decay: w ← w·(1 − lr·λ)
-                weight.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # w ← w − lr·m̂/(√v̂ + ε)
-                p.copy_(stochastic_round_to_bf16(weight) if p.dtype == torch.bfloat16 else weight)
+                t = state["step"]
+                slices = (x.view(-1).split(self.slice_size) for x in (p, state["exp_avg"], state["exp_avg_sq"]))
+                for w, m, v, grad in zip(*slices, p.grad.reshape(-1).split(self.slice_size)):
+                    grad = grad.float()
+                    m.lerp_(grad, 1 - beta1)                                 # m_t = β1·m + (1 − β1)·g
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)      # v_t = β2·v + (1 − β2)·g²
+                    denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)  # √v̂ + ε, v̂ = v_t / (1 − β2^t)
+                    weight = w.float().mul_(1 - lr * wd)                     # decoupled decay: w ← w·(1 − lr·λ)
+                    weight.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # w ← w − lr·m̂/(√v̂ + ε)
+                    w.copy_(stochastic_round_to_bf16(weight) if w.dtype == torch.bfloat16 else weight)
 
 
 def cosine_schedule(step: int, total: int, warmup_ratio: float, lr: float, min_lr: float) -> float:
@@ -548,13 +556,12 @@ def train(args: Args) -> Path:
     on_policy = minibatches_per_step == 1  # one optimizer step per rollout: ℓ_old = ℓ_θ, no separate pass needed
 
     # models: the policy, and the frozen reference it is kept close to (APO_SPEC §6)
-    model, processor = load_model(args.model, dtype, device, args.trust_remote_code)
+    model, processor = load_model(str(checkpoints[-1]) if args.resume else args.model, dtype, device,
+                                  args.trust_remote_code)
     reference = None
-    if args.kl_beta > 0:
+    if args.kl_beta > 0:  # always the starting model, also when resuming
         reference, _ = load_model(args.model, dtype, device, args.trust_remote_code)
         reference.eval().requires_grad_(False)
-    if args.resume:
-        model, processor = load_model(str(checkpoints[-1]), dtype, device, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -600,14 +607,14 @@ def train(args: Args) -> Path:
         while len(examples) < args.prompts_per_step:
             index = data_order(len(table), state["position"], args.seed, args.shuffle)
             state["position"] += 1
-            try:
+            try:  # (reading the row decodes its image: a corrupt one fails right here)
                 example = prepare_example(table[index], args, base)
                 n_tokens = rollout.encode_prompts(processor, [example["image"]], [example["problem"]], args.min_pixels,
                                                   args.max_pixels)["input_ids"].shape[1]
                 if n_tokens > args.max_prompt_tokens:
                     raise BadRow(f"prompt of {n_tokens} tokens > --max-prompt-tokens {args.max_prompt_tokens}")
                 examples.append(example)
-            except BadRow as err:
+            except (BadRow, OSError) as err:
                 state["bad_rows"] += 1
                 if index not in seen_bad:
                     seen_bad.add(index)

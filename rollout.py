@@ -117,9 +117,10 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
 
 def _token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float):
     """log π(target) and the entropy of π, for a chunk of positions: hidden [n, H], targets [n] -> [n], [n]."""
-    logits = (hidden @ lm_head_weight.T).float() / temperature  # [n, V] fp32: the sampling distribution at T
-    logp_all = logits.log_softmax(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()   # for logging only: no gradient through it
+    # [n, V] fp32, the sampling distribution at T; one expression, so that the logits die once normalized
+    logp_all = ((hidden @ lm_head_weight.T).float() / temperature).log_softmax(-1)
+    with torch.no_grad():  # for logging only: no graph; einsum contracts without an [n, V] product temporary
+        entropy = -torch.einsum("nv,nv->n", logp_all.exp(), logp_all)  # H = −Σ_v π_v·log π_v, [n]
     return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 

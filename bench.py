@@ -1,0 +1,427 @@
+"""Benchmark of one APO step: seconds and peak memory per phase, throughput, MFU; and the memory plan.
+
+    python bench.py --config tiny --device cpu --out bench_tiny.json    # the toy model's shapes, on a laptop CPU
+    python bench.py --config 3b --device cuda --out bench_3b.json      # Qwen2.5-VL-3B's shapes, on one GPU
+    python bench.py --config 3b --dry-run --out plan_3b.json           # the memory plan alone: no GPU, no weights
+
+The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
+downloaded. A step runs the pieces of `apo.train` in the same order with the same defaults (`apo.Args`): rollout,
+rewards, group advantage, STCR, DADS, old and reference log-probs, then the update in mini- and micro-batches with
+`apo.AdamW`. Only the rewards are random draws, and every response runs to --max-new-tokens (--no-full-length lets
+EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import random
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+from transformers import CompileConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.generation.streamers import BaseStreamer
+
+import apo
+import rollout
+import toy
+
+SHARED_CONFIG = Path(__file__).resolve().parent.parent / "shared" / "qwen2_5_vl_3b_config.json"
+PEAK_BF16_FLOPS = 989e12   # H100 SXM (and H200), dense bf16 tensor cores, no sparsity
+HBM_BYTES_PER_S = 3.0e12   # what a decode step can hope to read per second on an H100 (3.35 TB/s nominal)
+TARGET_GIB = 60
+GiB = 2 ** 30
+
+# Both configs run apo.Args' defaults (16 prompts × 8 responses × up to 1024 tokens, two optimizer steps of 64,
+# micro-batches of 4); tiny with the toy task's images (4 image tokens), 3b with 352 image tokens, as many as the
+# largest geometry3k diagrams in ../shared/geo3k_sample make.
+TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56, image_size=(56, 56))
+SIZES = dict(image_size=(616, 448))
+FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", "micro_batch_size",
+         "generation_batch_size", "logprob_chunk", "kl_beta", "min_pixels", "max_pixels", "gradient_checkpointing"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=["tiny", "3b"], required=True)
+    p.add_argument("--config-file", help=f"Qwen2.5-VL-3B's config.json (default: {SHARED_CONFIG})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--dry-run", action="store_true", help="write the memory plan only (meta device, no weights)")
+    p.add_argument("--steps", type=int, default=2, help="APO steps to run; the last is reported (the first warms up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), help="synthetic image size in pixels")
+    p.add_argument("--full-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="every response runs to --max-new-tokens (EOS is suppressed until then)")
+    p.add_argument("--cache-implementation", choices=["dynamic", "static"], default=None,
+                   help="KV cache of `generate` (default: rollout.generation_config's)")
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (transformers does it with a static cache on CUDA)")
+    for name in FLAGS:
+        kind = type(getattr(apo.Args, name))
+        if kind is bool:
+            p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    a = p.parse_args(argv)
+    preset = {**(TINY if a.config == "tiny" else SIZES)}
+    a.image_size = tuple(a.image_size or preset.pop("image_size"))
+    preset.pop("image_size", None)
+    preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
+    return a, apo.Args(**preset)
+
+
+# ----------------------------------------------------------------------------------------------- model and prompts
+def load_config(a, tokenizer) -> Qwen2_5_VLConfig:
+    """The model config; for 3b, Qwen2.5-VL-3B's with the toy tokenizer's special-token ids.
+
+    The synthetic prompts are encoded by toy.build_processor's tokenizer (nothing to download), whose special
+    tokens have small ids: the model must look for those ids instead of Qwen's. The vocabulary keeps its real size,
+    151,936, so the embedding, the output projection and the log-softmax cost what they cost in training; all
+    token ids the tokenizer produces are below 433, so they are in range, and the sampled ids it does not know
+    decode to nothing (the texts are not scored: the rewards are random)."""
+    if a.config == "tiny":
+        return toy.tiny_config(tokenizer)
+    path = Path(a.config_file) if a.config_file else SHARED_CONFIG
+    if not path.is_file():
+        sys.exit(f"--config 3b needs Qwen2.5-VL-3B's config.json; {path} does not exist. Pass --config-file with "
+                 "the config.json of Qwen/Qwen2.5-VL-3B-Instruct.")
+    config = Qwen2_5_VLConfig(**json.loads(path.read_text()))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
+    config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    config.eos_token_id = config.text_config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = config.text_config.pad_token_id = config.text_config.bos_token_id = ids["<|endoftext|>"]
+    return config
+
+
+def synthetic_prompts(processor, n: int, image_size: tuple, s: apo.Args, seed: int) -> dict:
+    """n prompts, each a noise image of image_size pixels and a one-line problem, encoded as apo.train does."""
+    rng = random.Random(seed)
+    w, h = image_size
+    images = [Image.frombytes("RGB", (w, h), rng.randbytes(w * h * 3)) for _ in range(n)]
+    problems = [f"<image>Find x if the angle at B is {rng.randint(20, 80)} degrees and AB = {rng.randint(2, 9)}."
+                for _ in range(n)]
+    return rollout.encode_prompts(processor, images, problems, s.min_pixels, s.max_pixels)
+
+
+def count_parameters(model) -> dict:
+    """Parameters (shared ones once) and the per-token / per-patch parameter counts used for FLOPs."""
+    lm, visual = model.model.language_model, model.model.visual
+    n = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731 (parameters() deduplicates)
+    # A text token goes through every language-model matrix and the output projection; the embedding is a lookup.
+    per_token = n(lm) - lm.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    return {"parameters": n(model), "text_params_per_token": per_token, "vision_params_per_patch": n(visual),
+            "largest_parameter": max(p.numel() for p in model.parameters())}
+
+
+# -------------------------------------------------------------------------------------------------- memory plan
+def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: int) -> dict:
+    """Peak memory of one APO step on one GPU, in GiB, by component and by phase, from the shapes alone.
+
+    Weights, gradients and activations in bf16 (2 bytes), Adam moments in fp32 (2 × 4 bytes): apo.AdamW. Exact for
+    weights, moments, gradients and the KV cache; the activation terms count the tensors listed beside them
+    (bytes per token, H = hidden size, I = MLP size, kv = key/value width). Not counted: the CUDA context (~0.5 GiB,
+    outside torch.cuda.max_memory_allocated) and the caching allocator's fragmentation (reserved − allocated)."""
+    t, v = config.text_config, config.vision_config
+    L, H, I, V = t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.vocab_size
+    kv = t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
+    Lv, Hv, Iv = v.depth, v.hidden_size, v.intermediate_size
+    N, largest, P, T = counts["parameters"], counts["largest_parameter"], prompt_tokens, s.max_new_tokens
+    S = P + T                                                   # tokens of a sequence: prompt + response
+    n_gen = s.generation_batch_size or s.prompts_per_step * s.group_size   # sequences per `generate` call
+    b, chunk = s.micro_batch_size, s.logprob_chunk
+    # One layer's forward without gradients, at its widest (the MLP): residual, normed input, act(gate), up and
+    # their product, bf16 → (6H + 6I) bytes per token; the vision blocks alike per patch; plus the bool attention
+    # mask [n, 1, P, P] that left padding makes sdpa use.
+    no_grad_layer = lambda n, tokens: n * max(tokens * (6 * H + 6 * I) + tokens ** 2,  # noqa: E731
+                                              patches * (6 * Hv + 6 * Iv))
+    c = {
+        "policy_weights": 2 * N,
+        "reference_weights": 2 * N if s.kl_beta > 0 else 0,    # frozen copy for the KL term (APO_SPEC §6)
+        "adam_moments": 8 * N,                                   # m and v, fp32
+        "gradients": 2 * N,                                      # bf16, from the first backward to the last step
+        # apo.AdamW works on slices of AdamW.slice_size weights: fp32 grad, denominator and weight, and the
+        # rounding's int32 noise, sum and mask: 6 × 4 bytes per weight of the largest slice.
+        "optimizer_temporaries": 24 * min(largest, apo.AdamW.slice_size),
+        # K and V of every layer for every sequence at full length, bf16: n_gen · S · L · 2 · kv · 2 bytes.
+        "kv_cache": n_gen * S * L * 2 * kv * 2,
+        # Prefill: all n_gen prompts through one layer at a time (no gradients).
+        "prefill_activations": no_grad_layer(n_gen, P),
+        # Gradient checkpointing keeps each layer's input, bf16: b · (S·L·H + patches·Lv·Hv) · 2 bytes.
+        "checkpointed_activations": b * (S * L * H + patches * Lv * Hv) * 2,
+        # Backward of one layer: its forward is recomputed with what backward needs kept — 2 RMSNorms (fp32 input
+        # 4H + bf16 output 2H each), q/k/v input, rotated q and k, v, attention output, o_proj input (8H + 4kv),
+        # gate, act(gate), up, product (8I) — plus gradients in flight (4H + 4I): (26H + 12I + 4kv) bytes/token.
+        "layer_recompute": b * max(S * (26 * H + 12 * I + 4 * kv), patches * (30 * Hv + 12 * Iv)),
+        # rollout.response_logprobs: fp32 [chunk, V] tensors — in backward the saved log-softmax, the gradient
+        # scattered by gather, and log_softmax's exp and result: 4 × chunk · V · 4 bytes (2 without gradients).
+        "logits_chunk": 4 * chunk * V * 4,
+        # A parameter's fresh gradient before it is added to .grad: the tied embedding / output projection, V·H.
+        "parameter_gradient_temporary": 2 * largest,
+        "micro_batch_forward": no_grad_layer(b, S),
+    }
+    resident = c["policy_weights"] + c["reference_weights"] + c["adam_moments"]
+    kv_at = lambda tokens: c["kv_cache"] * tokens // S  # noqa: E731
+    phases = {
+        # prefill (KV cache of the prompts + one layer's activations), or the last decode step (full KV cache, one
+        # layer's growing copy, and ~4 fp32 [n_gen, V] tensors: logits, warped scores, probabilities)
+        "rollout": resident + max(kv_at(P) + c["prefill_activations"],
+                                  c["kv_cache"] * (L + 1) // L + 4 * n_gen * V * 4),
+        "logprobs": resident + c["micro_batch_forward"] + c["logits_chunk"] // 2,
+        "forward_backward": resident + c["gradients"] + c["checkpointed_activations"]
+                            + max(c["logits_chunk"] + c["parameter_gradient_temporary"], c["layer_recompute"]),
+        "optimizer": resident + c["gradients"] + c["optimizer_temporaries"],
+    }
+    gib = lambda x: round(x / GiB, 2)  # noqa: E731
+    peak = max(phases.values())
+    return {"parameters": N, "peak_memory_gib": gib(peak), "target_gib": TARGET_GIB, "fits": peak <= TARGET_GIB * GiB,
+            "peak_phase": max(phases, key=phases.get), "components_gib": {k: gib(x) for k, x in c.items()},
+            "phases_gib": {k: gib(x) for k, x in phases.items()},
+            "assumptions": {"prompt_tokens": P, "response_tokens": T, "patches_per_image": patches,
+                            "generation_batch": n_gen, "micro_batch_size": b, "logprob_chunk": chunk}}
+
+
+def dry_run(a, s: apo.Args, processor) -> dict:
+    """The memory plan for the settings, from the real parameter count (model built on the meta device)."""
+    config = load_config(a, processor.tokenizer)
+    with torch.device("meta"):
+        counts = count_parameters(Qwen2_5_VLForConditionalGeneration(config))
+    prompts = synthetic_prompts(processor, 1, a.image_size, s, a.seed)
+    P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
+    plan = memory_plan(config, counts, s, P, patches)
+    # The longest prompt the settings admit (--max-prompt-tokens), with an image at --max-pixels: the smallest
+    # generation batch that keeps the plan within the target.
+    worst_patches = s.max_pixels // config.vision_config.patch_size ** 2
+    worst = {}
+    for n_gen in (0, 64, 32, 16, 8):
+        worst = memory_plan(config, counts, dataclasses.replace(s, generation_batch_size=n_gen),
+                            s.max_prompt_tokens, worst_patches)
+        if worst["fits"]:
+            break
+    plan["longest_prompt"] = {k: worst[k] for k in ("peak_memory_gib", "fits", "peak_phase", "phases_gib",
+                                                     "assumptions")}
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+class Meter:
+    """Seconds and peak memory of each phase (summed / maxed over the phase's visits during a step).
+
+    CUDA: torch.cuda.max_memory_allocated, reset when a phase starts. CPU: the process's peak resident set
+    (VmHWM), reset at each phase through /proc/self/clear_refs where Linux allows it; elsewhere the peak since start
+    (resource.getrusage)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.peak = {}, {}
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def _peak_bytes(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        try:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+        except (OSError, AttributeError):
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    @contextmanager
+    def phase(self, name: str):
+        self._sync()
+        self._reset_peak()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.peak[name] = max(self.peak.get(name, 0), self._peak_bytes())
+
+
+class DecodeClock(BaseStreamer):
+    """A `generate` streamer used as a stopwatch. generate() calls put() once with the prompt, then once per
+    decoding step with that step's tokens, which it has just copied to the host: the times are synchronized with
+    the device. Prefill = first token − prompt; decode = the rest, per step."""
+
+    def __init__(self):
+        self.calls = []  # per generate call: (sequences, [time of prompt, of token 1, of token 2, ...])
+
+    def put(self, value):
+        if value.dim() == 2:  # the prompt [n, P]: a new generate call begins
+            self.calls.append((value.shape[0], []))
+        self.calls[-1][1].append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def summary(self) -> dict:
+        steps = sum(len(times) - 2 for _, times in self.calls)
+        decode = sum(times[-1] - times[1] for _, times in self.calls)
+        return {"prefill_seconds": sum(times[1] - times[0] for _, times in self.calls), "decode_seconds": decode,
+                "decode_steps": steps, "decode_token_steps": sum(n * (len(times) - 2) for n, times in self.calls),
+                "decode_ms_per_token_step": 1000 * decode / max(steps, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------- one step
+def apo_step(model, reference, processor, prompts, optimizer, s: apo.Args, gen_config, meter: Meter) -> dict:
+    """One APO step as apo.train runs it (rollout, advantages, log-probs, update), with random rewards."""
+    B, G, device = s.prompts_per_step, s.group_size, model.device
+    with meter.phase("rollout"):
+        batch = rollout.sample_responses(model, processor, prompts, G, gen_config, s.generation_batch_size)
+    with meter.phase("advantages"):  # synthetic rewards: 30% correct, 80% well formatted (APO_SPEC §1: acc + fmt)
+        correct = torch.rand(B, G) < 0.3
+        rewards = correct.float() + (torch.rand(B, G) < 0.8).float()
+        advantages = apo.stcr_weights(correct, batch["lengths"].view(B, G), s.stcr_base) * apo.grpo_advantages(rewards)
+        batch["advantages"] = advantages.flatten()
+        batch["kl_weights"] = apo.dads_kl_weights(advantages, correct).flatten()
+    on_policy = B * G <= s.mini_batch_size
+    with meter.phase("logprobs"):
+        if not on_policy:
+            batch["old_logp"], _ = rollout.batched_logprobs(model, batch, s.temperature, s.micro_batch_size,
+                                                            s.logprob_chunk)
+        batch["ref_logp"] = (rollout.batched_logprobs(reference, batch, s.temperature, s.micro_batch_size,
+                                                      s.logprob_chunk)[0] if reference is not None else None)
+    order = torch.randperm(B * G).tolist()
+    for start in range(0, B * G, s.mini_batch_size):
+        rows = order[start:start + s.mini_batch_size]
+        token_total = batch["response_mask"][rows].sum().item()
+        with meter.phase("forward_backward"):
+            optimizer.zero_grad(set_to_none=True)
+            for micro_start in range(0, len(rows), s.micro_batch_size):
+                micro = rollout.select(batch, rows[micro_start:micro_start + s.micro_batch_size])
+                logp, _ = rollout.response_logprobs(model, micro, s.temperature, s.logprob_chunk)
+                mask = micro["response_mask"].to(device)
+                old_logp = logp.detach() if on_policy else micro["old_logp"].to(device)
+                ref_logp = micro["ref_logp"].to(device) if reference is not None else logp.detach()
+                loss, _ = apo.apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
+                                       micro["kl_weights"].to(device), mask, s.kl_beta, s.clip_eps, s.loss_agg,
+                                       token_total, len(rows))
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        with meter.phase("optimizer"):
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return batch
+
+
+def step_flops(batch: dict, counts: dict, decode_token_steps: int, logprob_passes: int) -> dict:
+    """Model FLOPs of a step: 2·N per token for each forward without gradients, 6·N per token (forward + backward)
+    for the update; N = the parameters a token (or an image patch) goes through. Real tokens only (no padding);
+    attention's own FLOPs (~4·S·H per token per layer, a few % here) and the recompute of gradient checkpointing
+    are not counted, as MFU conventionally does."""
+    tokens = batch["attention_mask"].sum().item()                        # prompt + response up to EOS, all rows
+    patches = batch["pixel_values"].shape[0]                             # each sequence carries its image
+    per_pass = counts["text_params_per_token"] * tokens + counts["vision_params_per_patch"] * patches
+    prefill = batch["attention_mask"][:, :batch["prompt_len"]].sum().item() + batch["input_ids"].shape[0]
+    generate = counts["text_params_per_token"] * (prefill + decode_token_steps) + counts["vision_params_per_patch"] * patches
+    return {"rollout": 2 * generate, "logprobs": 2 * per_pass * logprob_passes, "update": 6 * per_pass}
+
+
+def bench(a, s: apo.Args, processor) -> dict:
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU found")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as apo.resolve_device
+    config = load_config(a, processor.tokenizer)
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    with torch.device(device):  # random weights, made directly where they are used
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 else None
+    if s.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = apo.AdamW(model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
+    gen_config = rollout.generation_config(processor, s.max_new_tokens, s.temperature, s.top_p)
+    if a.full_length:
+        gen_config.min_new_tokens = s.max_new_tokens
+    if a.cache_implementation:
+        gen_config.cache_implementation = None if a.cache_implementation == "dynamic" else a.cache_implementation
+    if a.compile_decode is not None:
+        gen_config.disable_compile = not a.compile_decode
+        if a.compile_decode and device.type != "cuda":
+            gen_config.compile_config = CompileConfig()
+            gen_config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
+    counts = count_parameters(model)
+    prompts = synthetic_prompts(processor, s.prompts_per_step, a.image_size, s, a.seed)
+    P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
+    clock = DecodeClock()
+    generate = model.generate
+    model.generate = lambda **kwargs: generate(**kwargs, streamer=clock)  # sample_responses' calls, timed
+
+    steps = []
+    for _ in range(a.steps):
+        meter, clock.calls = Meter(device), []
+        batch = apo_step(model, reference, processor, prompts, optimizer, s, gen_config, meter)
+        timing = clock.summary()
+        flops = step_flops(batch, counts, timing["decode_token_steps"],
+                           (s.prompts_per_step * s.group_size > s.mini_batch_size) + (reference is not None))
+        seconds = {k: round(x, 4) for k, x in meter.seconds.items()}
+        step_seconds = sum(meter.seconds.values())
+        update_seconds = meter.seconds["forward_backward"] + meter.seconds["optimizer"]
+        generated = batch["response_mask"].sum().item()
+        steps.append({
+            "step_seconds": round(step_seconds, 3), "seconds": seconds,
+            "peak_memory_gib": round(max(meter.peak.values()) / GiB, 3),
+            "peak_memory_gib_by_phase": {k: round(x / GiB, 3) for k, x in meter.peak.items()},
+            "rollout_tokens_per_s": round(generated / meter.seconds["rollout"], 1),
+            "train_tokens_per_s": round(batch["attention_mask"].sum().item() / update_seconds, 1),
+            **{k: round(x, 4) for k, x in timing.items()},
+            "response_tokens": generated, "tflop": round(sum(flops.values()) / 1e12, 3),
+            "mfu": round(sum(flops.values()) / step_seconds / PEAK_BF16_FLOPS, 4) if device.type == "cuda" else None,
+            "mfu_by_phase": ({"rollout": round(flops["rollout"] / meter.seconds["rollout"] / PEAK_BF16_FLOPS, 4),
+                              "logprobs": round(flops["logprobs"] / meter.seconds["logprobs"] / PEAK_BF16_FLOPS, 4),
+                              "update": round(flops["update"] / update_seconds / PEAK_BF16_FLOPS, 4)}
+                             if device.type == "cuda" else None),
+        })
+        print(json.dumps(steps[-1]), flush=True)
+    lm_bytes = counts["text_params_per_token"] * (2 if dtype == torch.bfloat16 else 4)
+    result = {
+        "config": a.config, "device": a.device,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "settings": {**{k: getattr(s, k) for k in FLAGS}, "image_size": a.image_size, "full_length": a.full_length,
+                     "cache_implementation": gen_config.cache_implementation or "dynamic",
+                     "compile_decode": a.compile_decode},
+        **counts, "prompt_tokens": P, "patches_per_image": patches, "steps_run": a.steps,
+        **steps[-1],
+        # The decode floor: every step must read the language model's weights once (and the KV cache, not counted).
+        "decode_floor_ms": round(1000 * lm_bytes / HBM_BYTES_PER_S, 3),
+        "per_step": steps,
+        "memory_plan": memory_plan(config, counts, s, P, patches) if device.type == "cuda" else None,
+    }
+    return result
+
+
+def main(argv=None):
+    a, s = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    processor = toy.build_processor(min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    result = dry_run(a, s, processor) if a.dry_run else bench(a, s, processor)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

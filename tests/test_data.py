@@ -1,0 +1,113 @@
+"""Data sources: the Hub id, a local folder in the Hub layout, parquet, jsonl, the authors' JSON format; bad input."""
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+import apo
+import reward
+from conftest import geo3k_rows, png_bytes, write_hub_layout
+
+
+def args_for(data, **extra):
+    return apo.parse_args(["--data", str(data), *[f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]])
+
+
+def test_local_folder_in_hub_layout_loads_like_the_hub(geo3k_dir, monkeypatch):
+    """`--data geo3k` and a local folder take the same call: datasets.load_dataset(id or folder, split=...)."""
+    calls = []
+    real = datasets.load_dataset
+
+    def recording(path, *a, **kw):
+        calls.append((path, kw.get("split")))
+        return real(str(geo3k_dir) if path == "hiyouga/geometry3k" else path, *a, **kw)
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+
+    from_hub, _ = apo.load_table(args_for("geo3k"))
+    from_folder, base = apo.load_table(args_for(geo3k_dir))
+    assert calls == [("hiyouga/geometry3k", "train"), (str(geo3k_dir), "train")]
+    assert len(from_hub) == len(from_folder) == 8 and base == geo3k_dir.resolve()
+    test_split, _ = apo.load_table(args_for(geo3k_dir, split="test"))
+    assert len(test_split) == 2
+
+
+def test_real_geo3k_rows_prepare_and_their_golds_parse(geo3k_dir):
+    args = args_for(geo3k_dir)
+    table, base = apo.load_table(args)
+    expected = geo3k_rows()[:8]
+    for i in range(len(table)):
+        example = apo.prepare_example(table[i], args, base)
+        assert example["image"].mode == "RGB" and example["image"].size[0] > 50
+        assert example["problem"] == expected[i]["problem"] and example["answer"] == expected[i]["answer"]
+        # the right choice, boxed or in answer tags, is correct; reward.py reads the gold as a whole expression
+        response = f"<think>…</think><answer>{example['answer']}</answer>"
+        assert reward.accuracy_reward(response, example["answer"]) == 1.0
+
+
+def test_parquet_and_jsonl_with_relative_image_paths(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (60, 40), "green").save(tmp_path / "imgs" / "a.png")
+    rows = [{"images": ["imgs/a.png"], "problem": "<image>Find x.", "answer": "5"},
+            {"images": ["imgs/a.png"], "problem": "Find y.", "answer": "\\frac { 1 } { 2 }"}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative image paths resolve against the data file, not the working directory
+    for name in ("data.jsonl", "data.parquet"):
+        args = args_for(tmp_path / name)
+        table, base = apo.load_table(args)
+        examples = [apo.prepare_example(table[i], args, base) for i in range(len(table))]
+        assert [e["answer"] for e in examples] == ["5", "\\frac { 1 } { 2 }"]
+        assert examples[0]["image"].size == (60, 40)
+
+
+def test_authors_json_format(tmp_path):
+    Image.new("RGB", (30, 30), "red").save(tmp_path / "p.jpg")
+    message = [{"role": "user", "content": [{"type": "image", "image": "file://p.jpg"},
+                                            {"type": "text", "text": "How many points in the photo?"}]}]
+    rows = [{"message": json.dumps(message), "answer": "$42$"},           # the README's form: a JSON-encoded string
+            {"message": message, "answer": "$7$"}]                       # and an already-decoded list
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    args = args_for(tmp_path / "train.json")
+    table, base = apo.load_table(args)
+    examples = [apo.prepare_example(table[i], args, base) for i in range(len(table))]
+    assert [e["problem"] for e in examples] == ["How many points in the photo?"] * 2
+    assert [e["answer"] for e in examples] == ["$42$", "$7$"]
+    assert examples[0]["image"].size == (30, 30)
+
+
+def test_schema_errors_are_clear(tmp_path):
+    rows = [{"image": [png_bytes()], "question": "Find x.", "answer": "3"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    with pytest.raises(ValueError, match=r"\['images', 'problem'\] not found.*--image-column"):
+        apo.load_table(args_for(tmp_path / "d.parquet"))
+    table, _ = apo.load_table(args_for(tmp_path / "d.parquet", image_column="image", problem_column="question"))
+    assert len(table) == 1  # renamed columns work
+    datasets.Dataset.from_list([{"images": [png_bytes()], "problem": 3, "answer": "3"}]).to_parquet(
+        str(tmp_path / "e.parquet"))
+    with pytest.raises(ValueError, match="must hold text"):
+        apo.load_table(args_for(tmp_path / "e.parquet"))
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"images": [], "problem": "Find x.", "answer": "3"}, "no image"),
+    ({"images": [b"not a png"], "problem": "Find x.", "answer": "3"}, "unreadable image"),
+    ({"images": ["missing.png"], "problem": "Find x.", "answer": "3"}, "unreadable image"),
+    ({"images": [png_bytes()], "problem": "<image>  ", "answer": "3"}, "empty problem"),
+    ({"images": [png_bytes()], "problem": "Find x.", "answer": "\\frac{"}, "unparseable gold"),
+    ({"images": [png_bytes()], "problem": "Find x.", "answer": None}, "unparseable gold"),
+])
+def test_bad_rows_are_named(tmp_path, row, reason):
+    args = args_for("x")
+    with pytest.raises(apo.BadRow, match=reason):
+        apo.prepare_example(row, args, tmp_path)
+
+
+def test_data_order_is_a_seeded_permutation_per_pass():
+    first = [apo.data_order(5, p, seed=3, shuffle=True) for p in range(5)]
+    second = [apo.data_order(5, p, seed=3, shuffle=True) for p in range(5, 10)]
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    assert first == [apo.data_order(5, p, seed=3, shuffle=True) for p in range(5)]
+    assert [apo.data_order(5, p, seed=3, shuffle=False) for p in range(7)] == [0, 1, 2, 3, 4, 0, 1]

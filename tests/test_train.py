@@ -1,0 +1,189 @@
+"""The training loop on a tiny Qwen2.5-VL: the update, checkpoints, the run folder, bad input, faults and resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import apo
+import rollout
+from conftest import png_bytes, write_hub_layout
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update"}
+
+
+def tiny_args(model_dir, data_dir, out, *extra):
+    return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), "--device", "cpu",
+            "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--mini-batch-size", "4",
+            "--micro-batch-size", "3", "--max-pixels", "3136", "--lr", "1e-3", "--log-samples", "1", *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+
+
+def rollout_with_rewards(model, processor, rewards, correct):
+    """A real rollout of the tiny model with rewards set by hand (a random model never earns any)."""
+    from PIL import Image
+    prompts = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), c) for c in ("red", "blue")],
+                                     ["Find x.", "How many sides?"], 784, 3136)
+    torch.manual_seed(0)
+    batch = rollout.sample_responses(model, processor, prompts, 4, rollout.generation_config(processor, 6, 1.0, 1.0))
+    lengths = batch["lengths"].view(2, 4)
+    advantages = apo.stcr_weights(correct, lengths) * apo.grpo_advantages(rewards)
+    batch["advantages"] = advantages.flatten()
+    batch["kl_weights"] = apo.dads_kl_weights(advantages, correct).flatten()
+    return batch
+
+
+@pytest.mark.parametrize("mini_batch_size", [8, 3])  # on-policy (one step), and off-policy (3 steps, ℓ_old used)
+def test_one_update_changes_every_trainable_parameter(tiny_model_dir, mini_batch_size):
+    model, processor = apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    reference, _ = apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    args = apo.parse_args(["--mini-batch-size", str(mini_batch_size), "--micro-batch-size", "2", "--lr", "1e-4"])
+    rewards = torch.tensor([[1.5, 0.5, 0.0, 0.5], [0.0, 1.0, 1.5, 0.0]])
+    batch = rollout_with_rewards(model, processor, rewards, rewards >= 1.0)
+    batch["ref_logp"], _ = rollout.batched_logprobs(reference, batch, 1.0, 4)
+    if mini_batch_size < 8:
+        batch["old_logp"], _ = rollout.batched_logprobs(model, batch, 1.0, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = apo.AdamW(model.parameters(), lr=1e-4)
+    n_steps = -(-8 // mini_batch_size)
+    stats = apo.update_policy(model, batch, optimizer, args, [1e-4] * n_steps)
+    assert stats["finite"] == [True] * n_steps
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    assert stats["grad_norm"] > 0 and stats["entropy"] > 0
+
+
+def test_non_finite_update_is_skipped(policy):
+    model, processor = apo.load_model(policy[0].name_or_path, torch.float32, torch.device("cpu"))
+    rewards = torch.tensor([[1.5, 0.5, 0.0, 0.5], [0.0, 1.0, 1.5, 0.0]])
+    batch = rollout_with_rewards(model, processor, rewards, rewards >= 1.0)
+    batch["advantages"][3] = float("nan")
+    batch["ref_logp"] = None
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = apo.AdamW(model.parameters(), lr=1e-3)
+    stats = apo.update_policy(model, batch, optimizer, apo.parse_args(["--mini-batch-size", "8"]), [1e-3])
+    assert stats["finite"] == [False]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not optimizer.state  # the Adam moments were not touched either
+
+
+def test_checkpoint_reloads_with_identical_outputs(policy, tmp_path):
+    model, processor = policy
+    with torch.no_grad():
+        model.model.language_model.norm.weight.mul_(1.5)  # not the initial weights: the reload must carry them
+    apo.save_checkpoint(tmp_path, "checkpoint-000001", model, processor, {"x": 1})
+    assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "checkpoint-000001" / "model.safetensors").exists()
+    reloaded, reprocessor = apo.load_model(str(tmp_path / "checkpoint-000001"), torch.float32, torch.device("cpu"))
+    from PIL import Image
+    inputs = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
+    again = rollout.encode_prompts(reprocessor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
+    assert all(torch.equal(inputs[k], again[k]) for k in inputs)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+    with torch.no_grad():
+        model.model.language_model.norm.weight.div_(1.5)
+
+
+def test_keep_last_and_atomic_final(policy, tmp_path):
+    model, processor = policy
+    for step in (1, 2, 3):
+        apo.save_checkpoint(tmp_path, f"checkpoint-{step:06d}", model, processor, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    # a save killed halfway leaves only a hidden temporary folder: the last complete checkpoint is still whole
+    (tmp_path / ".tmp-checkpoint-000004").mkdir()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*"))[-1] == "checkpoint-000003"
+    apo.save_checkpoint(tmp_path, "final", model, processor, None)
+    apo.save_checkpoint(tmp_path, "final", model, processor, None)  # rewriting final/ replaces it whole
+    assert (tmp_path / "final" / "config.json").exists() and not list(tmp_path.glob(".old-*"))
+
+
+@pytest.fixture(scope="module")
+def toy_geo_dir(tmp_path_factory):
+    """Six good geo3k-schema rows drawn with PIL, and three bad ones (corrupt image, empty problem, bad gold)."""
+    good = [{"images": [{"bytes": png_bytes(c), "path": None}], "problem": f"<image>Find x if x = {i}.",
+             "answer": str(i), "id": i} for i, c in enumerate(["red", "blue", "green", "white", "black", "gray"])]
+    bad = [{"images": [{"bytes": b"broken", "path": None}], "problem": "Find x.", "answer": "1", "id": 90},
+           {"images": [{"bytes": png_bytes(), "path": None}], "problem": "<image>", "answer": "1", "id": 91},
+           {"images": [{"bytes": png_bytes(), "path": None}], "problem": "Find x.", "answer": "\\frac{", "id": 92}]
+    rows = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
+    return write_hub_layout(tmp_path_factory.mktemp("data") / "geo", {"train": rows})
+
+
+def test_run_folder_metrics_samples_and_bad_rows(tiny_model_dir, toy_geo_dir, tmp_path, capsys):
+    out = apo.train(apo.parse_args(tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "run", "--steps", "3",
+                                             "--save-every", "2", "--no-shuffle")))
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    required = {"reward", "accuracy", "format_rate", "response_length", "response_length_correct",
+                "response_length_wrong", "kl", "entropy", "clip_fraction", "dads_weight_pos_mean",
+                "stcr_mult_neg_mean", "stcr_mult_neg_max", "equal_reward_groups", "lr", "bad_rows"} | TIMING_KEYS
+    assert required <= set(metrics[0])
+    # in file order, 3 steps of 2 prompts read all 9 rows: the 3 bad ones are skipped, counted and named once
+    assert metrics[-1]["bad_rows"] == 3
+    log = capsys.readouterr()
+    assert sum("skipping row" in line for line in (log.out + log.err).splitlines()) == 3
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 3 and len(samples[0]["responses"]) == 4 and len(samples[0]["advantages"]) == 4
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-000002", "final"]
+    state = torch.load(out / "checkpoint-000002" / "trainer_state.pt", weights_only=False)
+    assert state["state"]["step"] == 2 and state["optimizer"]["state"]
+    with pytest.raises(SystemExit, match="already holds a run"):
+        apo.train(apo.parse_args(tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "run", "--steps", "3")))
+
+
+def test_repeated_non_finite_updates_stop_after_a_checkpoint(tiny_model_dir, toy_geo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(apo, "grpo_advantages", lambda rewards: torch.full_like(rewards, float("nan")))
+    with pytest.raises(SystemExit, match="3 updates in a row had a non-finite"):
+        apo.train(apo.parse_args(tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "run", "--steps", "10",
+                                                 "--mini-batch-size", "8")))  # one update per step
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["skipped_updates"] for m in metrics] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoint-000003" / "trainer_state.pt").exists()
+
+
+def test_sigint_then_resume_reproduces_an_uninterrupted_run(tiny_model_dir, toy_geo_dir, tmp_path):
+    """Same seed, same command: a run stopped by SIGINT and resumed writes exactly the metrics of one that never
+    stopped (timings aside) — weights, optimizer, schedule, RNG streams and data position all come back."""
+    steps = ["--steps", "5", "--save-every", "100", "--no-shuffle"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    full = apo.train(apo.parse_args(tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "full", *steps)))
+
+    command = [sys.executable, str(REPO / "apo.py"), *tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "cut", *steps)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 0, output
+    assert "stopped by signal" in output
+    saved = sorted((tmp_path / "cut").glob("checkpoint-*"))
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 5
+
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
+    assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == read_jsonl(full / "samples.jsonl")
+
+
+def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="No CUDA GPU found.*--device cpu"):
+        apo.resolve_device(apo.parse_args([]))
+    assert apo.resolve_device(apo.parse_args(["--device", "cpu"])) == (torch.device("cpu"), torch.float32)
