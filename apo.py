@@ -589,40 +589,33 @@ def train(args: Args) -> Path:
                                                       "state": dict(state), "args": dataclasses.asdict(args)},
                         keep_last)
 
-    stop_signal = []  # SIGINT / SIGTERM: finish the step, save, exit (a second SIGINT stops at once)
-    def on_signal(signum, frame):  # noqa: E306
-        if stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
-
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc="APO" if args.dads or args.stcr
                else "GRPO", dynamic_ncols=True)
     for step in bar:
         timer = time.perf_counter()
 
         # --- data: B good rows; a bad row is skipped, counted, and named once (the position moves on either way)
-        examples = []
+        examples, skipped_here = [], 0
         while len(examples) < args.prompts_per_step:
             index = data_order(len(table), state["position"], args.seed, args.shuffle)
             state["position"] += 1
             try:  # (reading the row decodes its image: a corrupt one fails right here)
                 example = prepare_example(table[index], args, base)
-                n_tokens = rollout.encode_prompts(processor, [example["image"]], [example["problem"]], args.min_pixels,
-                                                  args.max_pixels)["input_ids"].shape[1]
+                n_tokens = rollout.encode_prompts(processor, [example["image"]], [example["problem"]],
+                                                  args.min_pixels, args.max_pixels)["input_ids"].shape[1]
                 if n_tokens > args.max_prompt_tokens:
                     raise BadRow(f"prompt of {n_tokens} tokens > --max-prompt-tokens {args.max_prompt_tokens}")
                 examples.append(example)
             except (BadRow, OSError) as err:
                 state["bad_rows"] += 1
+                skipped_here += 1
                 if index not in seen_bad:
                     seen_bad.add(index)
                     tqdm.write(f"skipping row {index}: {err}")
-            if state["position"] > (step + 1) * args.prompts_per_step + len(table):
-                sys.exit(f"more than {len(table)} rows in a row were unusable: check the data")
-        prompts = rollout.encode_prompts(processor, [e["image"] for e in examples], [e["problem"] for e in examples],
-                                         args.min_pixels, args.max_pixels)
+                if skipped_here > len(table):
+                    sys.exit(f"no usable row in a whole pass over {args.data}: check the data")
+        prompts = rollout.encode_prompts(processor, [e["image"] for e in examples],
+                                         [e["problem"] for e in examples], args.min_pixels, args.max_pixels)
 
         # --- rollout: G responses per prompt (rollout.py)
         batch = rollout.sample_responses(model, processor, prompts, args.group_size, gen_config,
@@ -635,7 +628,8 @@ def train(args: Args) -> Path:
         accuracy = torch.tensor([reward.accuracy_reward(t, a) for t, a in zip(batch["texts"], answers)])
         fmt = torch.tensor([reward.format_reward(t) for t in batch["texts"]])
         B, G = args.prompts_per_step, args.group_size
-        rewards, correct, lengths = (accuracy + fmt).view(B, G), (accuracy > 0).view(B, G), batch["lengths"].view(B, G)
+        rewards = (accuracy + fmt).view(B, G)                                                     # r, [B, G]
+        correct, lengths = (accuracy > 0).view(B, G), batch["lengths"].view(B, G)                 # acc, |o|, [B, G]
         t_reward = time.perf_counter() - timer
 
         # --- group advantage (§2), STCR (§4), DADS (§5)
@@ -666,7 +660,6 @@ def train(args: Args) -> Path:
         state["step"] = step + 1
 
         # --- logging: one JSON line per step (metrics.jsonl) and a few full samples (samples.jsonl)
-        mask = batch["response_mask"].bool()
         lengths_f, acc_f, wrong = lengths.float(), correct.flatten(), ~correct.flatten()
         positive, negative = advantages.flatten() > 0, wrong
         metrics = {
@@ -675,8 +668,7 @@ def train(args: Args) -> Path:
             "response_length_correct": lengths_f.flatten()[acc_f].mean().item() if acc_f.any() else None,
             "response_length_wrong": lengths_f.flatten()[wrong].mean().item() if wrong.any() else None,
             "truncated_rate": batch["truncated"].float().mean().item(),
-            "kl": sums["kl"], "kl_loss": sums["kl_loss"], "entropy": sums["entropy"], "clip_fraction": sums["clip_fraction"],
-            "pg_loss": sums["pg_loss"], "grad_norm": sums["grad_norm"],
+            **{k: sums[k] for k in ("kl", "kl_loss", "entropy", "clip_fraction", "pg_loss", "grad_norm")},
             "dads_weight_pos_mean": kl_weights.flatten()[positive].mean().item() if positive.any() else None,
             "stcr_mult_neg_mean": stcr.flatten()[negative].mean().item() if negative.any() else None,
             "stcr_mult_neg_max": stcr.flatten()[negative].max().item() if negative.any() else None,
@@ -690,8 +682,8 @@ def train(args: Args) -> Path:
             f.write(json.dumps(metrics) + "\n")
         with open(out / "samples.jsonl", "a") as f:
             for b in range(min(args.log_samples, B)):
-                f.write(json.dumps({"step": step, "problem": examples[b]["problem"], "answer": examples[b]["answer"],
-                                    "responses": batch["texts"][b * G:(b + 1) * G],
+                f.write(json.dumps({"step": step, "problem": examples[b]["problem"],
+                                    "answer": examples[b]["answer"], "responses": batch["texts"][b * G:(b + 1) * G],
                                     "rewards": rewards[b].tolist(), "advantages": advantages[b].tolist()}) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         len=f"{metrics['response_length']:.0f}")
@@ -700,10 +692,10 @@ def train(args: Args) -> Path:
             checkpoint(f"checkpoint-{step + 1:06d}")
             sys.exit(f"{state['bad_in_a_row']} updates in a row had a non-finite loss or gradient: stopped after "
                      f"saving {out}/checkpoint-{step + 1:06d}. Lower --lr or check the data.")
-        if stop_signal or (step + 1) % args.save_every == 0:
+        if STOP or (step + 1) % args.save_every == 0:
             checkpoint(f"checkpoint-{step + 1:06d}")
-        if stop_signal:
-            print(f"\nstopped by signal {stop_signal[0]}: saved {out}/checkpoint-{step + 1:06d}; "
+        if STOP:
+            print(f"\nstopped by signal {STOP[0]}: saved {out}/checkpoint-{step + 1:06d}; "
                   "continue with the same command and --resume")
             return out
     bar.close()
@@ -711,5 +703,17 @@ def train(args: Args) -> Path:
     return out
 
 
+def request_stop(signum, frame):
+    """SIGINT / SIGTERM: the step under way finishes, a checkpoint is saved, the run exits (a second SIGINT: at once)."""
+    if STOP and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+
+
+STOP = []  # signals received, checked after every step
+
+
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     train(parse_args())

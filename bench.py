@@ -177,10 +177,11 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
         "rollout": resident + max(kv_at(P) + c["prefill_activations"],
                                   c["kv_cache"] * (L + 1) // L + 4 * n_gen * V * 4),
         "logprobs": resident + c["micro_batch_forward"] + c["logits_chunk"] // 2,
-        "forward_backward": resident + c["gradients"] + c["checkpointed_activations"]
-                            + max(c["logits_chunk"] + c["parameter_gradient_temporary"], c["layer_recompute"]),
         "optimizer": resident + c["gradients"] + c["optimizer_temporaries"],
     }
+    # the update: forward + backward of a micro-batch with the gradients resident (or an optimizer step)
+    phases["update"] = max(phases["optimizer"], resident + c["gradients"] + c["checkpointed_activations"]
+                           + max(c["logits_chunk"] + c["parameter_gradient_temporary"], c["layer_recompute"]))
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     peak = max(phases.values())
     return {"parameters": N, "peak_memory_gib": gib(peak), "target_gib": TARGET_GIB, "fits": peak <= TARGET_GIB * GiB,
@@ -214,7 +215,8 @@ def dry_run(a, s: apo.Args, processor) -> dict:
 
 # ------------------------------------------------------------------------------------------------- measuring
 class Meter:
-    """Seconds and peak memory of each phase (summed / maxed over the phase's visits during a step).
+    """Seconds and peak memory of each phase, summed / maxed over its visits during a step. Phases may nest (the
+    optimizer steps inside the update): a phase's peak includes those of the phases inside it.
 
     CUDA: torch.cuda.max_memory_allocated, reset when a phase starts. CPU: the process's peak resident set
     (VmHWM), reset at each phase through /proc/self/clear_refs where Linux allows it; elsewhere the peak since start
@@ -222,13 +224,16 @@ class Meter:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.seconds, self.peak = {}, {}
+        self.seconds, self.peak, self.open = {}, {}, []
 
     def _sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
-    def _reset_peak(self):
+    def _fold_peak(self):  # the peak since the last reset counts for every phase under way
+        peak = self._peak_bytes()
+        for name in self.open:
+            self.peak[name] = max(self.peak.get(name, 0), peak)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return
@@ -249,12 +254,14 @@ class Meter:
     @contextmanager
     def phase(self, name: str):
         self._sync()
-        self._reset_peak()
+        self._fold_peak()
+        self.open.append(name)
         start = time.perf_counter()
         yield
         self._sync()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        self.peak[name] = max(self.peak.get(name, 0), self._peak_bytes())
+        self._fold_peak()
+        self.open.pop()
 
 
 class DecodeClock(BaseStreamer):
@@ -284,7 +291,7 @@ class DecodeClock(BaseStreamer):
 # ---------------------------------------------------------------------------------------------------- one step
 def apo_step(model, reference, processor, prompts, optimizer, s: apo.Args, gen_config, meter: Meter) -> dict:
     """One APO step as apo.train runs it (rollout, advantages, log-probs, update), with random rewards."""
-    B, G, device = s.prompts_per_step, s.group_size, model.device
+    B, G = s.prompts_per_step, s.group_size
     with meter.phase("rollout"):
         batch = rollout.sample_responses(model, processor, prompts, G, gen_config, s.generation_batch_size)
     with meter.phase("advantages"):  # synthetic rewards: 30% correct, 80% well formatted (APO_SPEC §1: acc + fmt)
@@ -293,33 +300,21 @@ def apo_step(model, reference, processor, prompts, optimizer, s: apo.Args, gen_c
         advantages = apo.stcr_weights(correct, batch["lengths"].view(B, G), s.stcr_base) * apo.grpo_advantages(rewards)
         batch["advantages"] = advantages.flatten()
         batch["kl_weights"] = apo.dads_kl_weights(advantages, correct).flatten()
-    on_policy = B * G <= s.mini_batch_size
+    n_updates = -(-B * G // s.mini_batch_size)
     with meter.phase("logprobs"):
-        if not on_policy:
+        if n_updates > 1:
             batch["old_logp"], _ = rollout.batched_logprobs(model, batch, s.temperature, s.micro_batch_size,
                                                             s.logprob_chunk)
         batch["ref_logp"] = (rollout.batched_logprobs(reference, batch, s.temperature, s.micro_batch_size,
                                                       s.logprob_chunk)[0] if reference is not None else None)
-    order = torch.randperm(B * G).tolist()
-    for start in range(0, B * G, s.mini_batch_size):
-        rows = order[start:start + s.mini_batch_size]
-        token_total = batch["response_mask"][rows].sum().item()
-        with meter.phase("forward_backward"):
-            optimizer.zero_grad(set_to_none=True)
-            for micro_start in range(0, len(rows), s.micro_batch_size):
-                micro = rollout.select(batch, rows[micro_start:micro_start + s.micro_batch_size])
-                logp, _ = rollout.response_logprobs(model, micro, s.temperature, s.logprob_chunk)
-                mask = micro["response_mask"].to(device)
-                old_logp = logp.detach() if on_policy else micro["old_logp"].to(device)
-                ref_logp = micro["ref_logp"].to(device) if reference is not None else logp.detach()
-                loss, _ = apo.apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
-                                       micro["kl_weights"].to(device), mask, s.kl_beta, s.clip_eps, s.loss_agg,
-                                       token_total, len(rows))
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    step = optimizer.step
+    def timed_step():  # noqa: E306
         with meter.phase("optimizer"):
-            optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+            step()
+    optimizer.step = timed_step
+    with meter.phase("update"):  # forward + backward of every micro-batch, and the optimizer steps
+        apo.update_policy(model, batch, optimizer, s, [s.lr] * n_updates)
+    del optimizer.step
     return batch
 
 
@@ -376,8 +371,8 @@ def bench(a, s: apo.Args, processor) -> dict:
         flops = step_flops(batch, counts, timing["decode_token_steps"],
                            (s.prompts_per_step * s.group_size > s.mini_batch_size) + (reference is not None))
         seconds = {k: round(x, 4) for k, x in meter.seconds.items()}
-        step_seconds = sum(meter.seconds.values())
-        update_seconds = meter.seconds["forward_backward"] + meter.seconds["optimizer"]
+        step_seconds = sum(x for k, x in meter.seconds.items() if k != "optimizer")  # (inside "update")
+        update_seconds = meter.seconds["update"]
         generated = batch["response_mask"].sum().item()
         steps.append({
             "step_seconds": round(step_seconds, 3), "seconds": seconds,

@@ -65,12 +65,14 @@ def generation_config(processor, max_new_tokens: int, temperature: float, top_p:
                       do_sample: bool = True) -> GenerationConfig:
     """Sampling settings written out in full, so that nothing is inherited from the checkpoint's own
     generation_config.json (Qwen2.5-VL-Instruct ships top_k=1, top_p=0.001, temperature 0.1 and a repetition
-    penalty: near-greedy decoding, which would make every response of a group the same)."""
+    penalty: near-greedy decoding, which would make every response of a group the same). A field left None is
+    filled from that file, then from transformers' defaults (top_k=50): top_k=0 and repetition_penalty=1.0 are
+    the values that switch them off, so that responses are sampled from π itself, whose log-probs the loss uses."""
     tok = processor.tokenizer
     eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
     return GenerationConfig(
         do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=None, repetition_penalty=None, max_new_tokens=max_new_tokens, eos_token_id=eos,
+        top_k=0 if do_sample else None, repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), use_cache=True,
         # A sampled vision token would make the next forward look for an image that is not there: forbid them.
         suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS))

@@ -156,7 +156,7 @@ def toy_dataset(split: str, seed: int = 0):
 # choices, independent of the image. It learns the format and which kind of answer each question takes (a number
 # or a letter), not which one is right: its held-out accuracy is chance, ~1/4.
 THOUGHTS = ["The shape.", "Find the shape in the image.", "Solve the problem in the image step by step."]
-WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={})  # part of the cache key: change it, rebuild
+WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4})  # part of the cache key: change it, rebuild
 CACHE = Path(__file__).resolve().parent / ".toy_cache"                   # git-ignored
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 import rollout
 
@@ -148,9 +148,18 @@ def test_select_trims_columns_that_are_padding_everywhere(tiny, prompts, biased)
 
 
 def test_generation_config_is_fully_explicit(tiny):
-    _, processor = tiny
+    """What generate() runs with, once merged with a checkpoint's generation_config.json like Qwen2.5-VL-Instruct's
+    (near-greedy) and transformers' defaults (top_k=50): nothing of them may remain."""
+    model, processor = tiny
     config = rollout.generation_config(processor, 64, 1.0, 0.9)
-    assert (config.do_sample, config.temperature, config.top_p, config.top_k) == (True, 1.0, 0.9, None)
-    assert config.repetition_penalty is None and config.use_cache
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=True, top_k=1, top_p=0.001, temperature=0.1,
+                                               repetition_penalty=1.05)
+    try:
+        merged, _ = model._prepare_generation_config(config)
+    finally:
+        model.generation_config = saved
+    assert (merged.do_sample, merged.temperature, merged.top_p) == (True, 1.0, 0.9) and merged.use_cache
+    assert merged.top_k == 0 and merged.repetition_penalty == 1.0  # the values that switch top-k and the penalty off
     greedy = rollout.generation_config(processor, 64, 1.0, 1.0, do_sample=False)
     assert not greedy.do_sample and greedy.temperature is None
