@@ -5,7 +5,7 @@ advantage is its reward relative to its group (GRPO). Then:
   - STCR (negatives): a wrong response longer than the group's correct ones gets a more negative advantage;
   - DADS (positives): the KL penalty of a positive response is scaled down on hard prompts, so a rare success may
     move the policy further from the reference.
-`../shared/APO_SPEC.md` (copied into the README) gives the exact math; each function below cites its section.
+`docs/APO_SPEC.md` gives the exact math; each function below cites its section (§).
 
 Read this file top to bottom: arguments, data, reward, group advantage, STCR, DADS, loss, update, then the training
 loop that runs them in that order and logs what it sees. `rollout.py` samples responses and computes log-probs,

@@ -42,8 +42,8 @@ GiB = 2 ** 30
 # Both configs run apo.Args' defaults (16 prompts × 8 responses × up to 1024 tokens, two optimizer steps of 64,
 # micro-batches of 4); tiny with the toy task's images (4 image tokens), 3b with 352 image tokens, as many as the
 # largest geometry3k diagrams in ../shared/geo3k_sample make.
-TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56, image_size=(56, 56))
-SIZES = dict(image_size=(616, 448))
+TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56)
+IMAGE_SIZE = {"tiny": (56, 56), "3b": (616, 448)}
 FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", "micro_batch_size",
          "generation_batch_size", "logprob_chunk", "kl_beta", "min_pixels", "max_pixels", "gradient_checkpointing"]
 
@@ -72,9 +72,8 @@ def parse_args(argv=None):
         else:
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
-    preset = {**(TINY if a.config == "tiny" else SIZES)}
-    a.image_size = tuple(a.image_size or preset.pop("image_size"))
-    preset.pop("image_size", None)
+    a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
+    preset = dict(TINY if a.config == "tiny" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
     return a, apo.Args(**preset)
 
@@ -199,17 +198,15 @@ def dry_run(a, s: apo.Args, processor) -> dict:
     prompts = synthetic_prompts(processor, 1, a.image_size, s, a.seed)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
     plan = memory_plan(config, counts, s, P, patches)
-    # The longest prompt the settings admit (--max-prompt-tokens), with an image at --max-pixels: the smallest
-    # generation batch that keeps the plan within the target.
-    worst_patches = s.max_pixels // config.vision_config.patch_size ** 2
-    worst = {}
-    for n_gen in (0, 64, 32, 16, 8):
-        worst = memory_plan(config, counts, dataclasses.replace(s, generation_batch_size=n_gen),
-                            s.max_prompt_tokens, worst_patches)
-        if worst["fits"]:
-            break
-    plan["longest_prompt"] = {k: worst[k] for k in ("peak_memory_gib", "fits", "peak_phase", "phases_gib",
-                                                     "assumptions")}
+    # The longest prompt the settings admit (--max-prompt-tokens) with an image at --max-pixels, at the default
+    # generation batch, and the largest generation batch that keeps it within the target.
+    longest = lambda n_gen: memory_plan(config, counts, dataclasses.replace(s, generation_batch_size=n_gen),  # noqa
+                                        s.max_prompt_tokens, s.max_pixels // config.vision_config.patch_size ** 2)
+    worst = longest(s.generation_batch_size)
+    plan["longest_prompt"] = {**{k: worst[k] for k in ("peak_memory_gib", "fits", "peak_phase", "phases_gib",
+                                                        "assumptions")},
+                              "generation_batch_size_that_fits": next((n for n in (128, 64, 32, 16, 8, 4, 2, 1)
+                                                                       if longest(n)["fits"]), None)}
     return plan
 
 

@@ -160,7 +160,8 @@ def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int 
 @torch.no_grad()
 def batched_logprobs(model, batch: dict, temperature: float, micro_batch_size: int, chunk_tokens: int = 1024):
     """`response_logprobs` over a whole rollout batch, `micro_batch_size` sequences at a time: ([N, T], [N, T])."""
-    N = batch["input_ids"].shape[0]
+    N, T = batch["response_mask"].shape
     parts = [response_logprobs(model, select(batch, list(range(s, min(s + micro_batch_size, N)))), temperature,
                                chunk_tokens) for s in range(0, N, micro_batch_size)]
-    return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+    # select() drops the columns that are padding for all of its rows: pad each part back to T (masked positions)
+    return tuple(torch.cat([F.pad(p[i], (0, T - p[i].shape[1])) for p in parts]).cpu() for i in (0, 1))

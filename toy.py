@@ -132,6 +132,7 @@ def toy_rows(split: str, seed: int) -> list:
     rows = []
     for i in range(SPLIT_SIZES["train"] + SPLIT_SIZES["test"]):
         sides, colour, kind = rng.choice(SIDES), rng.choice(list(COLOURS)), rng.choice(list(QUESTIONS))
+        kind = "colour"  # EXPERIMENT
         image = draw_shape(sides, colour, rng)  # always drawn, so the stream (and the test split) stays the same
         if (i < SPLIT_SIZES["train"]) == (split == "train"):
             answer = str(sides) if kind == "sides" else "ABCD"[list(COLOURS).index(colour)]
@@ -155,7 +156,7 @@ def toy_dataset(split: str, seed: int = 0):
 # a short supervised warm start on responses in the format whose answer is drawn at random from the question's
 # choices, independent of the image. It learns the format and which kind of answer each question takes (a number
 # or a letter), not which one is right: its held-out accuracy is chance, ~1/4.
-THOUGHTS = ["The shape.", "Find the shape in the image.", "Solve the problem in the image step by step."]
+THOUGHTS = ["Find the shape in the image."]
 WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4})  # part of the cache key: change it, rebuild
 CACHE = Path(__file__).resolve().parent / ".toy_cache"                   # git-ignored
 

@@ -285,3 +285,29 @@ def test_fuzz_never_raises_and_is_fast():
         extract_answer(response)
         parse_gold(response[:300])
     print(f"\nfuzz: {n} responses, slowest call {slowest[0]:.3f} s: {slowest[1]}")
+
+
+def test_model_output_is_never_run_as_code(tmp_path):
+    marker = tmp_path / "ran"
+    for payload in (f"__import__('os').system('touch {marker}')", f"exec(\"open('{marker}', 'w')\")",
+                    f"$__import__('pathlib').Path('{marker}').touch()$"):
+        for response in (f"<think>x</think><answer>{payload}</answer>", f"so \\boxed{{{payload}}}", payload):
+            assert accuracy_reward(response, "3") == 0.0
+    assert not marker.exists()
+
+
+def test_gold_parse_is_not_cut_by_the_response_budget(monkeypatch):
+    """A gold is parsed with its own, larger budget: a slow first parse (a cold or loaded machine) must not turn
+    into 'unparseable gold' or silently zero the accuracy of every response to the prompt."""
+    import time
+    import reward
+    real = reward._parse_math
+
+    def slow(text):
+        time.sleep(2 * reward._BUDGET_S)
+        return real(text)
+    monkeypatch.setattr(reward, "_parse_math", slow)
+    monkeypatch.setattr(reward, "_GOLDS", {})
+    assert reward.parse_gold("2 \\sqrt { 221 }") is not None
+    monkeypatch.setattr(reward, "_parse_math", real)
+    assert accuracy_reward("<think>x</think><answer>2\\sqrt{221}</answer>", "2 \\sqrt { 221 }") == 1.0
