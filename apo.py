@@ -24,7 +24,9 @@ Where this code departs from the paper and the authors' code (each one has its r
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
+import io
 import json
 import math
 import os
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import reward
 import rollout
@@ -223,6 +226,9 @@ def load_table(args: Args):
     if not isinstance(first[args.problem_column], str):
         raise ValueError(f"{args.data}: column {args.problem_column!r} must hold text, "
                          f"found {type(first[args.problem_column]).__name__}")
+    if not isinstance(first[args.image_column], (list, dict, str, bytes, Image.Image)):
+        raise ValueError(f"{args.data}: column {args.image_column!r} must hold images, paths or bytes, "
+                         f"found {type(first[args.image_column]).__name__}")
     return table, base
 
 
@@ -239,22 +245,19 @@ def from_authors_format(row: dict, answer_column: str = "answer") -> dict:
 
 def prepare_example(row: dict, args: Args, base: Path | None) -> dict:
     """One table row -> {'image': PIL RGB, 'problem': str, 'answer': str}, or BadRow with the reason."""
-    from PIL import Image
-
     image = row.get(args.image_column)
     if isinstance(image, list):
         image = image[0] if image else None
     if isinstance(image, dict):  # an undecoded datasets Image: {'bytes': ..., 'path': ...}
         image = image.get("bytes") or image.get("path")
+    if not isinstance(image, (bytes, str, Image.Image)):
+        raise BadRow(f"no image ({type(image).__name__})")
     try:
         if isinstance(image, bytes):
-            import io
             image = Image.open(io.BytesIO(image))
         elif isinstance(image, str):
             # A relative path is relative to the data file, not to wherever the command was started.
             image = Image.open(base / image if base is not None and not os.path.isabs(image) else image)
-        if not isinstance(image, Image.Image):
-            raise BadRow(f"no image ({type(image).__name__})")
         image.load()
         image = image.convert("RGB")
     except (OSError, ValueError) as err:
@@ -269,11 +272,15 @@ def prepare_example(row: dict, args: Args, base: Path | None) -> dict:
 
 
 def data_order(n_rows: int, position: int, seed: int, shuffle: bool) -> int:
-    """Row index at global `position` (positions run on across passes): pass k is a permutation seeded by seed+k."""
+    """Row index at global `position` (positions run on across passes): pass k is a permutation seeded by seed+k,
+    so the order depends on nothing but the seed, and a resumed run picks up at the same row."""
     epoch, offset = divmod(position, n_rows)
-    if not shuffle:
-        return offset
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))[offset].item()
+    return permutation(n_rows, seed + epoch)[offset] if shuffle else offset
+
+
+@functools.lru_cache(maxsize=2)
+def permutation(n: int, seed: int) -> list:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # ------------------------------------------------------------------------------------------- group advantage, §2
@@ -475,13 +482,15 @@ def resolve_device(args: Args) -> tuple:
     if args.device == "auto":
         if torch.cuda.is_available():
             args.device = "cuda"
-        elif args.model == "toy":
+        elif args.model == "toy" or args.data == "toy":
             args.device = "cpu"
         else:
             sys.exit(f"No CUDA GPU found. Training {args.model} on a CPU would take days per step; "
                      "pass --device cpu to force it anyway, or try `python apo.py --data toy` (minutes on a CPU).")
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    if args.device == "cpu" and args.data == "toy":
+        torch.set_num_threads(1)  # toy-sized matrices gain nothing from threads, and on a busy CPU lose ~10x
     return torch.device(args.device), dtype
 
 
@@ -536,6 +545,8 @@ def train(args: Args) -> Path:
     """Run APO as configured; returns the run folder."""
     from tqdm import tqdm
 
+    from eval import plot_run
+
     out = Path(args.out)
     device, dtype = resolve_device(args)
     random.seed(args.seed)
@@ -588,6 +599,7 @@ def train(args: Args) -> Path:
         save_checkpoint(out, name, model, processor, {"optimizer": optimizer.state_dict(), "rng": rng_state(),
                                                       "state": dict(state), "args": dataclasses.asdict(args)},
                         keep_last)
+        plot_run(out)  # out/curves.png (eval.py), redrawn at each checkpoint and at the end
 
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc="APO" if args.dads or args.stcr
                else "GRPO", dynamic_ncols=True)

@@ -89,6 +89,10 @@ def test_schema_errors_are_clear(tmp_path):
         str(tmp_path / "e.parquet"))
     with pytest.raises(ValueError, match="must hold text"):
         apo.load_table(args_for(tmp_path / "e.parquet"))
+    datasets.Dataset.from_list([{"images": 7, "problem": "Find x.", "answer": "3"}]).to_parquet(
+        str(tmp_path / "f.parquet"))
+    with pytest.raises(ValueError, match="must hold images, paths or bytes, found int"):
+        apo.load_table(args_for(tmp_path / "f.parquet"))
 
 
 @pytest.mark.parametrize("row, reason", [
