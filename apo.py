@@ -89,16 +89,17 @@ class Args:
     """G, responses sampled per prompt (authors: 8)"""
     max_new_tokens: int = 1024
     """response length limit (authors: 4096)"""
-    max_prompt_tokens: int = 4096
-    """longer prompts are skipped and counted (authors: 9216)"""
+    max_prompt_tokens: int = 1024
+    """longer prompts are skipped and counted (authors: 9216; a geometry3k prompt is ~450 tokens)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature (authors: 1.0)"""
     top_p: float = 1.0
     """nucleus sampling (authors: 1.0)"""
     min_pixels: int = 3136
     """images are resized to at least this many pixels (Qwen's default, 4 × 28²)"""
-    max_pixels: int = 1003520
-    """and at most this many (Qwen's default, 1280 × 28²; authors: 2,560,000)"""
+    max_pixels: int = 401408
+    """and at most this many (512 × 28², at most 512 image tokens; authors: 2,560,000). With the defaults every
+    admissible prompt then fits one 80 GB GPU (docs/PERF.md); geometry3k diagrams are far smaller"""
     generation_batch_size: int = 0
     """sequences per `generate` call (0: all B·G at once)"""
     # update (APO_SPEC §5-§8)
@@ -146,13 +147,13 @@ class Args:
 
 
 PRESETS = {
-    # APO_SPEC §8 on one GPU: same rollout and update sizes, generation split in batches of 128 sequences.
+    # APO_SPEC §8 on one GPU: same rollout and update sizes, generation split in batches of 64 sequences (memory).
     "authors": dict(prompts_per_step=128, max_new_tokens=4096, max_prompt_tokens=9216, max_pixels=2_560_000,
-                    mini_batch_size=64, shuffle=False, epochs=2, generation_batch_size=128),
+                    mini_batch_size=64, shuffle=False, epochs=2, generation_batch_size=64),
     # The toy task of toy.py: a tiny model, small images, short answers, minutes on a laptop CPU.
     "toy": dict(model="toy", prompts_per_step=8, group_size=8, max_new_tokens=32, lr=1e-3, min_lr=1e-4,
-                mini_batch_size=64, micro_batch_size=64, max_pixels=56 * 56, min_pixels=28 * 28, kl_beta=1e-3,
-                gradient_checkpointing=False, steps=60, save_every=20, adam_betas=(0.9, 0.99)),
+                mini_batch_size=64, micro_batch_size=64, max_pixels=168 * 168, min_pixels=28 * 28, kl_beta=1e-3,
+                gradient_checkpointing=False, steps=200, save_every=50, adam_betas=(0.9, 0.99)),
 }
 
 

@@ -1,13 +1,13 @@
 """Benchmark of one APO step: seconds and peak memory per phase, throughput, MFU; and the memory plan.
 
-    python bench.py --config tiny --device cpu --out bench_tiny.json    # the toy model's shapes, on a laptop CPU
-    python bench.py --config 3b --device cuda --out bench_3b.json      # Qwen2.5-VL-3B's shapes, on one GPU
-    python bench.py --config 3b --dry-run --out plan_3b.json           # the memory plan alone: no GPU, no weights
+    python bench.py --config tiny --device cpu --threads 1 --out bench_tiny.json   # the toy model's shapes, CPU
+    python bench.py --config 3b --device cuda --out bench_3b.json                 # Qwen2.5-VL-3B's, one GPU
+    python bench.py --config 3b --dry-run --out plan_3b.json                      # memory plan: no GPU, no weights
 
 The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
 downloaded. A step runs the pieces of `apo.train` in the same order with the same defaults (`apo.Args`): rollout,
-rewards, group advantage, STCR, DADS, old and reference log-probs, then the update in mini- and micro-batches with
-`apo.AdamW`. Only the rewards are random draws, and every response runs to --max-new-tokens (--no-full-length lets
+rewards, group advantage, STCR, DADS, old and reference log-probs, then `apo.update_policy` (mini- and
+micro-batches, `apo.AdamW`). Only the rewards are random draws, and every response runs to --max-new-tokens (--no-full-length lets
 EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
 """
 
@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import platform
 import random
 import re
@@ -45,7 +46,8 @@ GiB = 2 ** 30
 TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56)
 IMAGE_SIZE = {"tiny": (56, 56), "3b": (616, 448)}
 FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", "micro_batch_size",
-         "generation_batch_size", "logprob_chunk", "kl_beta", "min_pixels", "max_pixels", "gradient_checkpointing"]
+         "generation_batch_size", "logprob_chunk", "kl_beta", "min_pixels", "max_pixels", "max_prompt_tokens",
+         "gradient_checkpointing"]
 
 
 def parse_args(argv=None):
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-implementation", choices=["dynamic", "static"], default=None,
                    help="KV cache of `generate` (default: rollout.generation_config's)")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step (transformers does it with a static cache on CUDA)")
+                   help="torch.compile the decode step (transformers does it by itself with a static cache on "
+                        "CUDA: --no-compile-decode stops it)")
     for name in FLAGS:
         kind = type(getattr(apo.Args, name))
         if kind is bool:
@@ -72,6 +75,8 @@ def parse_args(argv=None):
         else:
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error("--steps must be at least 1")
     a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
     preset = dict(TINY if a.config == "tiny" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
@@ -323,9 +328,17 @@ def step_flops(batch: dict, counts: dict, decode_token_steps: int, logprob_passe
     tokens = batch["attention_mask"].sum().item()                        # prompt + response up to EOS, all rows
     patches = batch["pixel_values"].shape[0]                             # each sequence carries its image
     per_pass = counts["text_params_per_token"] * tokens + counts["vision_params_per_patch"] * patches
-    prefill = batch["attention_mask"][:, :batch["prompt_len"]].sum().item() + batch["input_ids"].shape[0]
-    generate = counts["text_params_per_token"] * (prefill + decode_token_steps) + counts["vision_params_per_patch"] * patches
+    prefill = batch["attention_mask"][:, :batch["prompt_len"]].sum().item()  # then 1 token per sequence per step
+    generate = (counts["text_params_per_token"] * (prefill + decode_token_steps)
+                + counts["vision_params_per_patch"] * patches)
     return {"rollout": 2 * generate, "logprobs": 2 * per_pass * logprob_passes, "update": 6 * per_pass}
+
+
+def cpu_name() -> str:
+    try:
+        return re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        return platform.processor() or "cpu"
 
 
 def bench(a, s: apo.Args, processor) -> dict:
@@ -386,19 +399,28 @@ def bench(a, s: apo.Args, processor) -> dict:
                              if device.type == "cuda" else None),
         })
         print(json.dumps(steps[-1]), flush=True)
+    # The decode floor: a decoding step reads every language-model weight once, and the KV cache (on average at
+    # half the response length) once more: bytes / HBM bandwidth.
+    t = config.text_config
+    kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * 2 * (getattr(t, "head_dim", None)
+                                                                           or t.hidden_size // t.num_attention_heads)
     lm_bytes = counts["text_params_per_token"] * (2 if dtype == torch.bfloat16 else 4)
+    n_gen = s.generation_batch_size or s.prompts_per_step * s.group_size
+    kv_bytes = n_gen * (P + s.max_new_tokens / 2) * kv_per_token
     result = {
         "config": a.config, "device": a.device,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {**{k: getattr(s, k) for k in FLAGS}, "image_size": a.image_size, "full_length": a.full_length,
                      "cache_implementation": gen_config.cache_implementation or "dynamic",
                      "compile_decode": a.compile_decode},
         **counts, "prompt_tokens": P, "patches_per_image": patches, "steps_run": a.steps,
         **steps[-1],
-        # The decode floor: every step must read the language model's weights once (and the KV cache, not counted).
-        "decode_floor_ms": round(1000 * lm_bytes / HBM_BYTES_PER_S, 3),
+        "decode_floor_ms": round(1000 * lm_bytes / HBM_BYTES_PER_S, 3) if device.type == "cuda" else None,
+        "decode_floor_ms_with_kv_cache": (round(1000 * (lm_bytes + kv_bytes) / HBM_BYTES_PER_S, 3)
+                                          if device.type == "cuda" else None),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3) if device.type == "cuda" else None,
         "per_step": steps,
         "memory_plan": memory_plan(config, counts, s, P, patches) if device.type == "cuda" else None,
     }

@@ -1,6 +1,7 @@
 """The memory-saving pieces against independent routes: apo.AdamW (fp32: torch.optim.AdamW; bf16: the fp32 update in
 expectation, through stochastic rounding) and rollout.response_logprobs' chunked vocabulary projection (the naive
 full-logits log-softmax, values and gradients; and its peak memory)."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -233,3 +234,40 @@ def test_chunked_logprobs_peak_memory():
     row, added = V * 4, n * (9 - 2)  # an fp32 vocabulary row; tokens added going from T = 2 to T = 9
     assert peak(9, chunk=3) - peak(2, chunk=3) < added * row / 8
     assert added * row <= peak(9, chunk=n * 9) - peak(2, chunk=n * 2) <= 5 * added * row
+
+
+# ---------------------------------------------------------------------------------------------------- bench.py
+def test_bench_dry_run_plan(tmp_path):
+    """The plan counts Qwen2.5-VL-3B's parameters on the meta device (3,754,622,976, the published count) and adds
+    up its components as written: moments 8 bytes per weight, KV cache 2 (K, V) · 2 kv heads · 128 · 2 bytes ·
+    36 layers per token of each of the 128 sequences."""
+    import bench
+    if not bench.SHARED_CONFIG.is_file():
+        pytest.skip(f"no Qwen2.5-VL-3B config at {bench.SHARED_CONFIG}")
+    out = tmp_path / "plan.json"
+    bench.main(["--config", "3b", "--dry-run", "--out", str(out)])
+    plan = json.loads(out.read_text())
+    N, GiB = 3_754_622_976, 2 ** 30
+    assert plan["parameters"] == N
+    assert plan["components_gib"]["adam_moments"] == round(8 * N / GiB, 2)
+    tokens = plan["assumptions"]["prompt_tokens"] + 1024
+    assert plan["components_gib"]["kv_cache"] == round(128 * tokens * 36 * 2 * 2 * 128 * 2 / GiB, 2)
+    assert plan["peak_memory_gib"] == max(plan["phases_gib"].values())
+    assert plan["phases_gib"]["optimizer"] >= round(14 * N / GiB, 2)  # weights ×2, moments, gradients: 14 B each
+
+    with pytest.raises(SystemExit, match="config.json"):
+        bench.main(["--config", "3b", "--dry-run", "--config-file", str(tmp_path / "missing.json"), "--out",
+                    str(tmp_path / "x.json")])
+
+
+def test_bench_tiny_cpu_step(tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
+                "--max-new-tokens", "5", "--mini-batch-size", "4", "--micro-batch-size", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["response_tokens"] == 2 * 4 * 5 and result["decode_steps"] == 5 - 1  # every response full length
+    assert set(result["seconds"]) == set(result["peak_memory_gib_by_phase"]) == {
+        "rollout", "advantages", "logprobs", "update", "optimizer"}
+    assert result["step_seconds"] > 0 and result["peak_memory_gib"] > 0
+    assert result["rollout_tokens_per_s"] > 0 and result["train_tokens_per_s"] > 0
