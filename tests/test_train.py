@@ -182,6 +182,22 @@ def test_sigint_then_resume_reproduces_an_uninterrupted_run(tiny_model_dir, toy_
     assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == read_jsonl(full / "samples.jsonl")
 
 
+def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, toy_geo_dir, tmp_path):
+    command = [sys.executable, str(REPO / "apo.py"),
+               *tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "run", "--steps", "50", "--save-every", "100")]
+    process = subprocess.Popen(command, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    metrics_file, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 240
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 0 and f"stopped by signal {int(signal.SIGTERM)}" in output, output[-2000:]
+    saved = list((tmp_path / "run").glob("checkpoint-*"))
+    steps_done = len(read_jsonl(metrics_file))
+    assert [p.name for p in saved] == [f"checkpoint-{steps_done:06d}"] and steps_done < 50
+
+
 def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="No CUDA GPU found.*--device cpu"):
