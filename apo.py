@@ -152,8 +152,8 @@ PRESETS = {
                     mini_batch_size=64, shuffle=False, epochs=2, generation_batch_size=64),
     # The toy task of toy.py: a tiny model, small images, short answers, minutes on a laptop CPU.
     "toy": dict(model="toy", prompts_per_step=8, group_size=8, max_new_tokens=32, lr=1e-3, min_lr=1e-4,
-                mini_batch_size=64, micro_batch_size=64, max_pixels=168 * 168, min_pixels=28 * 28, kl_beta=1e-3,
-                gradient_checkpointing=False, steps=200, save_every=50, adam_betas=(0.9, 0.99)),
+                mini_batch_size=64, micro_batch_size=64, max_pixels=168 * 168, min_pixels=28 * 28, kl_beta=0.02,
+                gradient_checkpointing=False, steps=300, save_every=50, adam_betas=(0.9, 0.99)),
 }
 
 
@@ -202,7 +202,7 @@ def load_table(args: Args):
 
     if args.data == "toy":
         import toy
-        return toy.toy_dataset(args.split, seed=args.seed), None
+        return toy.toy_dataset(args.split), None  # the same images whatever --seed: runs compare on one test split
     name = HUB_ALIASES.get(args.data, args.data)
     path = Path(name)
     if path.suffix in (".json", ".jsonl"):
@@ -490,7 +490,7 @@ def resolve_device(args: Args) -> tuple:
                      "pass --device cpu to force it anyway, or try `python apo.py --data toy` (minutes on a CPU).")
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    if args.device == "cpu" and args.data == "toy":
+    if args.device == "cpu" and "toy" in (args.model, args.data):
         torch.set_num_threads(1)  # toy-sized matrices gain nothing from threads, and on a busy CPU lose ~10x
     return torch.device(args.device), dtype
 

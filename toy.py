@@ -1,9 +1,12 @@
-"""Tiny Qwen2.5-VL models built locally, with no download.
+"""Tiny Qwen2.5-VL models built locally, with no download, and the toy task that one of them learns on a CPU.
 
 The tests, `bench.py` and the toy task (`--data toy`, `--model toy`) need a real Qwen2.5-VL: the same model class,
 processor class, chat template and special tokens as `Qwen/Qwen2.5-VL-3B-Instruct`, so that every code path they
 exercise is the one that trains the real model. Only the sizes differ. `build_model_folder` writes such a model as a
 plain HF folder, which then loads through the same `from_pretrained` calls as a Hub checkpoint.
+
+The toy task (`toy_dataset`) asks for the colour of a drawn shape; its starting model (`starting_model`) is such a
+tiny model, warm-started to write the answer format. `python apo.py --data toy` trains it in minutes (README).
 """
 
 import json
@@ -93,15 +96,14 @@ def build_model_folder(path, seed: int = 0, **config_overrides) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- the toy task
 # Each image holds one regular polygon (3 to 6 sides) in one of four colours, at a random place, size and angle, on a
-# light background. Two kinds of question, both unanswerable without the image:
-#   "How many sides does the shape have?"                                 -> "3" .. "6"
-#   "What colour is the shape? A. red B. green C. blue D. yellow"         -> "A" .. "D"
-# Golds are numbers and letters, which reward.parse_gold reads (a word like "red" would not parse).
+# random light background; the question is the same for every image, so only the image holds the answer:
+#   "What colour is the shape? A. red B. green C. blue D. yellow"  ->  "A" .. "D"
+# The gold is a letter, which reward.parse_gold reads (a word like "red" would not parse). The image is 168 px wide:
+# 36 image tokens, enough of the prompt for a random-weight model to pick the colour up within minutes of RL. (Asking
+# for the number of sides instead is beyond this model in that time: even supervised, it stays at chance.)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SIDES = (3, 4, 5, 6)
-QUESTIONS = {"sides": "<image>How many sides does the shape have?",
-             "colour": "<image>What colour is the shape? " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", COLOURS))}
-IMAGE_SIZE = 56
+QUESTION = "<image>What colour is the shape? " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", COLOURS))
+IMAGE_SIZE = 168
 SPLIT_SIZES = {"train": 2000, "test": 200}
 
 
@@ -112,8 +114,8 @@ def draw_shape(sides: int, colour: str, rng: random.Random):
 
     background = tuple(rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
-    radius = rng.uniform(14, 24)
-    cx, cy = (rng.uniform(radius + 2, IMAGE_SIZE - radius - 2) for _ in range(2))
+    radius = rng.uniform(0.25, 0.43) * IMAGE_SIZE
+    cx, cy = (rng.uniform(radius, IMAGE_SIZE - radius) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     corners = [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
                 cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
@@ -131,12 +133,10 @@ def toy_rows(split: str, seed: int) -> list:
     rng = random.Random(f"toy-{seed}")
     rows = []
     for i in range(SPLIT_SIZES["train"] + SPLIT_SIZES["test"]):
-        sides, colour, kind = rng.choice(SIDES), rng.choice(list(COLOURS)), rng.choice(list(QUESTIONS))
-        kind = "colour"  # EXPERIMENT
-        image = draw_shape(sides, colour, rng)  # always drawn, so the stream (and the test split) stays the same
+        sides, colour = rng.randint(3, 6), rng.choice(list(COLOURS))
+        image = draw_shape(sides, colour, rng)  # always drawn, so that the stream (and the test split) stays put
         if (i < SPLIT_SIZES["train"]) == (split == "train"):
-            answer = str(sides) if kind == "sides" else "ABCD"[list(COLOURS).index(colour)]
-            rows.append({"images": [image], "problem": QUESTIONS[kind], "answer": answer})
+            rows.append({"images": [image], "problem": QUESTION, "answer": "ABCD"[list(COLOURS).index(colour)]})
     return rows
 
 
@@ -144,27 +144,27 @@ def toy_dataset(split: str, seed: int = 0):
     """The toy task as a `datasets.Dataset` with the geo3k columns: images (a list of one image), problem, answer."""
     import datasets
 
-    rows = toy_rows(split, seed)
     features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
                                   "answer": datasets.Value("string")})
-    return datasets.Dataset.from_list(rows, features=features)
+    return datasets.Dataset.from_list(toy_rows(split, seed), features=features)
 
 
 # -------------------------------------------------------------------------------------------- the starting model
 # A random-weight model never writes <think>…</think> <answer>…</answer>, so RL would have no reward to work with.
 # An instruct model starts RL knowing the format but not the answers; the toy's starting model is made the same way:
-# a short supervised warm start on responses in the format whose answer is drawn at random from the question's
-# choices, independent of the image. It learns the format and which kind of answer each question takes (a number
-# or a letter), not which one is right: its held-out accuracy is chance, ~1/4.
-THOUGHTS = ["Find the shape in the image."]
-WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4})  # part of the cache key: change it, rebuild
+# a short supervised warm start on responses in the format whose letter is drawn at random, independent of the
+# image. It learns the format and that the answer is a letter, not which one is right: its accuracy is chance, ~1/4.
+# Its size: the default tiny_config with 4 text layers instead of 2 (with 2, even supervised training with the right
+# answers does not learn to read the colour within minutes). Its thought is always the same sentence: with a few
+# thoughts to choose from, RL spent 200 steps on which thought to write and none on the colour.
+THOUGHT = "Find the shape in the image."
+WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4})
 CACHE = Path(__file__).resolve().parent / ".toy_cache"                   # git-ignored
 
 
-def warm_start_target(problem: str, rng: random.Random) -> str:
-    """A response in the format, with a random thought and a random (not the right) answer to the question."""
-    choices = list("ABCD") if "colour" in problem else [str(s) for s in SIDES]
-    return f"<think> {rng.choice(THOUGHTS)} </think> <answer> {rng.choice(choices)} </answer>"
+def warm_start_target(rng: random.Random) -> str:
+    """A response in the format with a random letter: the format, not the answer."""
+    return f"<think> {THOUGHT} </think> <answer> {rng.choice('ABCD')} </answer>"
 
 
 def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: int):
@@ -177,11 +177,11 @@ def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: i
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for step in range(steps):
-        rows_ = rng.sample(rows, batch_size)
-        prompts = rollout.encode_prompts(processor, [r["images"][0] for r in rows_], [r["problem"] for r in rows_],
-                                         IMAGE_SIZE ** 2 // 4, IMAGE_SIZE ** 2)
-        targets = [tok(warm_start_target(r["problem"], rng))["input_ids"] + [eos] for r in rows_]
+    for _ in range(steps):
+        picked = rng.sample(rows, batch_size)
+        prompts = rollout.encode_prompts(processor, [r["images"][0] for r in picked], [r["problem"] for r in picked],
+                                         28 * 28, IMAGE_SIZE ** 2)
+        targets = [tok(warm_start_target(rng))["input_ids"] + [eos] for _ in picked]
         width = max(map(len, targets))
         target_ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in targets])   # [n, T]
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])            # [n, T]
@@ -194,13 +194,12 @@ def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return loss.item()
 
 
 def starting_model() -> Path:
-    """The toy's starting model (`--model toy`): built on first use (seconds), then read from `.toy_cache/`.
+    """The toy's starting model (`--model toy`): built on first use (20-40 s), then read from `.toy_cache/`.
 
-    The folder name holds a hash of the recipe, so a changed recipe builds a new model. The build happens in a
+    The folder name holds a hash of this file, so a changed recipe builds a new model. The build happens in a
     temporary folder renamed into place when complete: a killed build leaves nothing half-written, and of two
     processes building at once, the second to finish finds the folder there and drops its own copy."""
     import hashlib
@@ -208,25 +207,32 @@ def starting_model() -> Path:
     import shutil
     import tempfile
 
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    recipe = json.dumps({**WARM_START, "thoughts": THOUGHTS, "questions": QUESTIONS}, sort_keys=True)
-    final = CACHE / f"starting-model-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    final = CACHE / f"starting-model-{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]}"
     if (final / "config.json").exists():
         return final
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".build-"))
+    # The build seeds and draws from the global random generators and sets torch's thread count (one thread: at
+    # this size threads only add overhead): all three are put back, so that a run is the same with or without a
+    # cached model.
+    python_state, threads = random.getstate(), torch.get_num_threads()
     try:
-        build_model_folder(tmp, WARM_START["seed"], **WARM_START["model"])
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
-        processor = build_processor()
-        warm_start(model, processor, WARM_START["steps"], WARM_START["batch_size"], WARM_START["lr"],
-                   WARM_START["seed"])
-        model.save_pretrained(tmp)
+        with torch.random.fork_rng():
+            torch.set_num_threads(1)
+            build_model_folder(tmp, WARM_START["seed"], **WARM_START["model"])
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+            warm_start(model, build_processor(), WARM_START["steps"], WARM_START["batch_size"], WARM_START["lr"],
+                       WARM_START["seed"])
+            model.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: its model is the same
             pass
+        for old in set(CACHE.glob("starting-model-*")) - {final}:  # built by earlier versions of this file
+            shutil.rmtree(old, ignore_errors=True)
     finally:
+        random.setstate(python_state)
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return final

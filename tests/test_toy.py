@@ -1,0 +1,163 @@
+"""The toy task: its data, its starting model, a short APO run that learns it, eval.py on it, and the run plots."""
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import apo
+import eval as evaluate
+import reward
+import rollout
+import toy
+from conftest import geo3k_rows
+
+
+def image_hash(row) -> str:
+    return hashlib.sha256(row["images"][0].tobytes()).hexdigest()
+
+
+def test_toy_data_is_deterministic_and_the_splits_are_disjoint():
+    test_a, test_b = toy.toy_rows("test", seed=0), toy.toy_rows("test", seed=0)
+    assert len(test_a) == toy.SPLIT_SIZES["test"]
+    assert [(image_hash(r), r["answer"]) for r in test_a] == [(image_hash(r), r["answer"]) for r in test_b]
+    train = toy.toy_rows("train", seed=0)
+    assert len(train) == toy.SPLIT_SIZES["train"]
+    assert not {image_hash(r) for r in train} & {image_hash(r) for r in test_a}
+    assert [image_hash(r) for r in toy.toy_rows("test", seed=1)] != [image_hash(r) for r in test_a]
+    with pytest.raises(ValueError, match="splits"):
+        toy.toy_rows("validation", seed=0)
+
+
+def test_the_answer_is_in_the_image_and_only_there():
+    rows = toy.toy_rows("test", seed=0)
+    assert {r["problem"] for r in rows} == {toy.QUESTION}  # one text for all: it cannot tell the answers apart
+    assert Counter(r["answer"] for r in rows).keys() == set("ABCD")
+    for r in rows:
+        # An independent route to the gold: the colour with the most pixels of exactly its value in the image.
+        pixels = np.asarray(r["images"][0]).reshape(-1, 3)
+        counts = {c: (pixels == rgb).all(-1).sum() for c, rgb in toy.COLOURS.items()}
+        colour = max(counts, key=counts.get)
+        assert counts[colour] > 0.05 * toy.IMAGE_SIZE ** 2
+        assert r["answer"] == "ABCD"[list(toy.COLOURS).index(colour)]
+        assert reward.parse_gold(r["answer"]) == r["answer"]  # a letter gold, compared as a letter
+
+
+def test_toy_dataset_goes_through_the_training_data_path():
+    args = apo.parse_args(["--data", "toy", "--split", "test"])
+    table, base = apo.load_table(args)
+    assert len(table) == toy.SPLIT_SIZES["test"] and base is None
+    example = apo.prepare_example(table[3], args, base)
+    assert example["image"].size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE)
+    assert example["answer"] == toy.toy_rows("test", seed=0)[3]["answer"]
+
+
+@pytest.fixture(scope="module")
+def starting_model():
+    return apo.load_model("toy", torch.float32, torch.device("cpu"))
+
+
+def greedy_on_test(model, processor, n=64) -> tuple:
+    """(format rate, accuracy) of greedy answers to the first n toy test problems."""
+    rows = toy.toy_rows("test", seed=0)[:n]
+    prompts = rollout.encode_prompts(processor, [r["images"][0] for r in rows], [r["problem"] for r in rows],
+                                     28 * 28, toy.IMAGE_SIZE ** 2)
+    texts = rollout.sample_responses(model, processor, prompts, 1,
+                                     rollout.generation_config(processor, 32, 1.0, 1.0, do_sample=False))["texts"]
+    return (sum(reward.format_reward(t) > 0 for t in texts) / n,
+            sum(reward.accuracy_reward(t, r["answer"]) for t, r in zip(texts, rows)) / n)
+
+
+def test_starting_model_writes_the_format_but_does_not_know_the_answers(starting_model):
+    assert toy.starting_model() == toy.starting_model()  # cached: built once, then found
+    assert toy.starting_model().parent == toy.CACHE and not list(toy.CACHE.glob(".build-*"))
+    model, processor = starting_model
+    format_rate, accuracy = greedy_on_test(model, processor)
+    assert format_rate >= 0.9
+    assert accuracy <= 0.45  # chance is 1/4: the warm start's letters were random
+
+
+def answer_margin(model, processor, rows) -> float:
+    """Mean over `rows` of log π(right letter) − mean log π(other letters), the response being forced to the
+    starting model's `<think> … </think> <answer> X </answer>`: 0 for a policy blind to the image, > 0 once it
+    reads it. Finer than accuracy, so a short run shows it."""
+    n = len(rows)
+    prompts = rollout.encode_prompts(processor, [r["images"][0] for r in rows], [r["problem"] for r in rows],
+                                     28 * 28, toy.IMAGE_SIZE ** 2)
+    batch = rollout.select(prompts, [i for i in range(n) for _ in "ABCD"])  # prompt i -> rows 4i .. 4i+3
+    responses = processor.tokenizer([f"<think> {toy.THOUGHT} </think> <answer> {x} </answer>" for _ in rows
+                                     for x in "ABCD"], return_tensors="pt")["input_ids"]
+    batch.update(input_ids=torch.cat([batch["input_ids"], responses], 1), prompt_len=batch["input_ids"].shape[1],
+                 attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(responses)], 1),
+                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(responses)], 1))
+    with torch.no_grad():  # the four responses differ in one token, the letter: their log-probs compare letters
+        logp = rollout.response_logprobs(model, batch, 1.0)[0].sum(-1).view(n, 4)  # [n, 4]
+    right = torch.tensor(["ABCD".index(r["answer"]) for r in rows])
+    others = (logp.sum(-1) - logp[torch.arange(n), right]) / 3
+    return (logp[torch.arange(n), right] - others).mean().item()
+
+
+def test_a_short_apo_run_with_the_toy_preset_learns_what_the_reward_asks_for(tmp_path, starting_model):
+    """The whole loop (rollout, reward, advantages, update) with the toy preset's model, sizes and learning rate, on
+    images that are all green: the reward asks for "B" whatever the image, and 20 steps learn it. Reading the colour
+    takes ~150 steps, the full run (`python apo.py --data toy`, a few minutes, measured in the README): too long
+    for a test, so this one checks the loop and its learning rate, not the vision."""
+    train, test = toy.toy_rows("train", seed=0), toy.toy_rows("test", seed=0)
+    data = tmp_path / "green.parquet"
+    toy.toy_dataset("train").select([i for i, r in enumerate(train) if r["answer"] == "B"][:16]).to_parquet(str(data))
+    held_out = [r for r in test if r["answer"] == "B"][:16]
+    start = answer_margin(*starting_model, held_out)
+    out = apo.train(apo.parse_args(["--preset", "toy", "--data", str(data), "--out", str(tmp_path / "run"),
+                                    "--steps", "20", "--save-every", "1000"]))
+    after = answer_margin(*apo.load_model(str(out / "final"), torch.float32, torch.device("cpu")), held_out)
+    assert after > start + 1.0, (start, after)
+    rewards = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rewards[-5:]) > sum(rewards[:5])
+    assert (out / "curves.png").exists()
+
+
+def test_eval_on_the_toy_reports_and_compares(tmp_path):
+    out = tmp_path / "eval" / "r.json"
+    report = evaluate.main(["--model", "toy", "--baseline", str(toy.starting_model()), "--data", "toy",
+                            "--limit", "12", "--samples", "3", "--batch-size", "5", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    for key in ("accuracy", "format_rate", "mean_response_length", "mean_response_length_correct",
+                "mean_response_length_wrong", "pass@3", "sample_accuracy"):
+        assert key in saved and key in saved["baseline"]
+    responses = saved["responses"]
+    assert len(responses) == saved["problems"] == 12 and report["accuracy"] == saved["accuracy"]
+    # recomputed from the stored responses, by the reward functions themselves
+    assert saved["accuracy"] == sum(reward.accuracy_reward(r["response"], r["answer"]) for r in responses) / 12
+    assert saved["format_rate"] == sum(reward.format_reward(r["response"]) > 0 for r in responses) / 12
+    assert saved["pass@3"] >= saved["sample_accuracy"]
+    assert all(len(r["samples_correct"]) == 3 for r in responses)
+    # the baseline is the same model by another name, answering the same prompts greedily: the same answers
+    assert [r["response"] for r in saved["baseline"]["responses"]] == [r["response"] for r in responses]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_plot_run_draws_the_curves_of_a_run_folder(tmp_path):
+    from PIL import Image
+    rows = [{"step": s, "reward": 0.5 + s / 20, "accuracy": s / 10, "format_rate": 1.0, "response_length_correct":
+             None if s < 2 else 20.0, "response_length_wrong": 22.0, "kl": 0.01 * s, "entropy": 0.3,
+             "dads_weight_pos_mean": None, "stcr_mult_neg_mean": 1.0, "stcr_mult_neg_max": 1.00002} for s in range(8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = evaluate.plot_run(tmp_path)
+    assert path == tmp_path / "curves.png"
+    assert Image.open(path).size[0] > 500
+
+
+def test_eval_on_a_geo3k_layout_folder(tmp_path, tiny_model_dir, geo3k_dir):
+    """The geometry3k path (`--data geo3k --split test` reads the Hub copy the same way) on the real sample."""
+    out = tmp_path / "geo3k.json"
+    evaluate.main(["--model", str(tiny_model_dir), "--data", str(geo3k_dir), "--split", "test", "--device", "cpu",
+                   "--max-new-tokens", "4", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["problems"] == 2 and saved["skipped_rows"] == 0 and saved["max_new_tokens"] == 4
+    assert saved["format_rate"] == 0.0  # a random model in 4 tokens: no format, and no right answer
+    assert saved["accuracy"] == 0.0 and saved["mean_response_length_correct"] is None
+    lengths = [r["length"] for r in saved["responses"]]
+    assert all(1 <= n <= 4 for n in lengths) and saved["mean_response_length_wrong"] == sum(lengths) / 2
+    assert [r["answer"] for r in saved["responses"]] == [r["answer"] for r in geo3k_rows()[8:]]
