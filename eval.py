@@ -32,7 +32,7 @@ def load_examples(cfg: apo.Args, limit: int = 0) -> tuple:
     for i in range(min(len(table), limit or len(table))):
         try:
             examples.append(apo.prepare_example(table[i], cfg, base))
-        except apo.BadRow as err:
+        except (apo.BadRow, OSError) as err:  # (reading a row decodes its image: a corrupt one fails there)
             skipped += 1
             print(f"skipping row {i}: {err}")
     if not examples:
