@@ -179,8 +179,12 @@ def parse_args(argv=None) -> Args:
     parser.set_defaults(**PRESETS.get(preset, {}))
     args = Args(**vars(parser.parse_args(argv)))
     args.adam_betas = tuple(args.adam_betas)
-    if args.loss_agg not in ("token", "sequence"):
-        parser.error("--loss-agg must be 'token' or 'sequence'")
+    for flag, value, allowed in (("--loss-agg", args.loss_agg, ("token", "sequence")),
+                                 ("--dtype", args.dtype, ("auto", "bfloat16", "float32"))):
+        if value not in allowed:
+            parser.error(f"{flag} must be one of {', '.join(allowed)}")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        parser.error("--device must be 'auto', 'cpu' or 'cuda' (or 'cuda:N')")
     if args.group_size < 2:
         parser.error("--group-size must be at least 2: advantages are relative to the group")
     return args
@@ -298,9 +302,10 @@ def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def stcr_weights(correct: torch.Tensor, lengths: torch.Tensor, base: float = 1.00001) -> torch.Tensor:
     """STCR's advantage multiplier (1 + w) (APO_SPEC §4). correct [B, G] (bool), lengths [B, G] -> [B, G].
 
-    w_i = 1 − base^(−Δ_i) for a wrong response longer than its group's correct ones (Δ_i = |o_i| − L⁺_g > 0),
-    else 0; groups with no correct response get 0 (L⁺ undefined). Two facts the authors' setting implies:
-    w ≈ Δ·ln(base) ≈ 1e-5·Δ, so the effect is small at these lengths (w ≈ 0.01 at 1000 extra tokens, 0.04 at 4096);
+    Only a wrong response longer than the mean of its group's correct ones gets w > 0; correct responses, shorter
+    wrong ones, and every response of a group with no correct one (L⁺ undefined) get w = 0. Two facts the authors'
+    setting implies: w ≈ Δ·ln(base) ≈ 1e-5·Δ, so the effect is small at these lengths (w ≈ 0.01 at 1000 extra
+    tokens, 0.04 at 4096);
     and since the advantage also counts format, a wrong but well-formatted response can have Â⁰ > 0, which STCR
     then *amplifies*. Both are kept as the authors have them; `--stcr-base` tunes the strength.
     Computed in float64: in float32, 1.00001 itself is off by 0.14% in its logarithm."""
@@ -308,7 +313,7 @@ def stcr_weights(correct: torch.Tensor, lengths: torch.Tensor, base: float = 1.0
     n_correct = correct.sum(-1, keepdim=True)                                         # k_g, [B, 1]
     mean_len_correct = (lengths * correct).sum(-1, keepdim=True) / n_correct.clamp(min=1)  # L⁺_g, [B, 1]
     excess = lengths - mean_len_correct                                               # Δ_i, [B, G]
-    w = -torch.expm1(-excess * math.log(base))                                        # 1 − base^(−Δ_i)
+    w = -torch.expm1(-excess * math.log(base))                                        # w_i = 1 − base^(−Δ_i)
     w = torch.where(~correct & (n_correct > 0) & (excess > 0), w, torch.zeros_like(w))
     return (1 + w).float()                                                            # Â_i = (1 + w_i)·Â⁰_i
 
@@ -317,13 +322,13 @@ def stcr_weights(correct: torch.Tensor, lengths: torch.Tensor, base: float = 1.0
 def dads_kl_weights(advantages: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """DADS's KL weight κ (APO_SPEC §3, §5). advantages [B, G] (after STCR), correct [B, G] (bool) -> [B, G].
 
-    Difficulty d_g = 1 − k_g/G. A positive response (Â_i > 0, as the authors test the advantage, not the accuracy)
-    gets κ = f(d_g) = 1 − exp(−e·(1 − d_g)), with f(0) = f(1) = 1; every other response gets κ = 1.
-    Easy prompt (d small): κ ≈ 1, full KL. Hard prompt (d → 1): κ → 0, a rare success may move further.
+    A positive response (Â_i > 0: the authors test the advantage, not the accuracy) gets κ = f(d) of its group's
+    difficulty d; every other response gets κ = 1. Easy prompt (d small): κ ≈ 1, full KL. Hard prompt (d → 1):
+    κ → 0, a rare success may move further from the reference.
     (The authors' code also holds, commented out, the variant f(d) = exp(−e·d); not implemented here.)"""
     G = correct.shape[-1]
-    difficulty = 1 - correct.float().sum(-1, keepdim=True) / G                       # d_g, [B, 1]
-    f = 1 - torch.exp(-math.e * (1 - difficulty))                                    # f(d_g), [B, 1]
+    difficulty = 1 - correct.float().sum(-1, keepdim=True) / G                       # d_g = 1 − k_g/G, [B, 1]
+    f = 1 - torch.exp(-math.e * (1 - difficulty))                                    # f(d) = 1 − e^(−e·(1 − d))
     f = torch.where((difficulty == 0) | (difficulty == 1), torch.ones_like(f), f)    # f(0) = f(1) = 1
     return torch.where(advantages > 0, f.expand_as(advantages), torch.ones_like(advantages))
 
@@ -357,13 +362,13 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", tok
 
 def apo_loss(logp, old_logp, ref_logp, advantages, kl_weights, mask, kl_beta=1e-3, clip_eps=0.2, agg="token",
              token_total=None, seq_total=None):
-    """Total loss L = L_pg + β·L_kl (APO_SPEC §6-7). Tensors [n, T]; advantages, kl_weights (κ) [n].
+    """The total loss (APO_SPEC §6-7). Tensors [n, T]; advantages, kl_weights (κ) [n].
     Returns (loss, stats) with the policy term, the κ-weighted KL term and the clip fraction."""
     pg_loss, clip_fraction = policy_loss(logp, old_logp, advantages, mask, clip_eps, agg, token_total, seq_total)
     mask = mask.float()
     kl_per_seq = (k3_kl(logp, ref_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)   # KL_i, [n]
     kl_loss = (kl_weights * kl_per_seq).sum() / (seq_total or mask.shape[0])           # L_kl = mean_i κ_i·KL_i
-    loss = pg_loss + kl_beta * kl_loss
+    loss = pg_loss + kl_beta * kl_loss                                                 # L = L_pg + β·L_kl
     stats = {"pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(), "clip_fraction": clip_fraction,
              "kl": kl_per_seq.detach().sum() / (seq_total or mask.shape[0])}  # unweighted mean KL_i, for the log
     return loss, stats
@@ -486,7 +491,7 @@ def resolve_device(args: Args) -> tuple:
         elif args.model == "toy" or args.data == "toy":
             args.device = "cpu"
         else:
-            sys.exit(f"No CUDA GPU found. Training {args.model} on a CPU would take days per step; "
+            sys.exit(f"No CUDA GPU found. Training {args.model} on a CPU would take hours per step; "
                      "pass --device cpu to force it anyway, or try `python apo.py --data toy` (minutes on a CPU).")
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]

@@ -235,3 +235,7 @@ def test_flags_presets_and_overrides():
         parse_args(["--group-size", "1"])
     with pytest.raises(SystemExit):
         parse_args(["--loss-agg", "median"])
+    with pytest.raises(SystemExit):
+        parse_args(["--dtype", "float16"])
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "tpu"])
