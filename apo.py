@@ -589,7 +589,8 @@ def train(args: Args) -> Path:
 
     state = {"step": 0, "position": 0, "updates": 0, "bad_rows": 0, "skipped_updates": 0, "bad_in_a_row": 0}
     if args.resume:
-        saved = torch.load(checkpoints[-1] / "trainer_state.pt", weights_only=False)
+        # weights_only: the state holds tensors and plain data, so no pickled code can run on loading
+        saved = torch.load(checkpoints[-1] / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
         state = saved["state"]
