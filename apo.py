@@ -135,6 +135,16 @@ class Args:
     """positions per vocabulary-projection chunk in log-prob computations (bounds the fp32 logits' memory)"""
     max_bad_updates: int = 3
     """stop (after a checkpoint) when this many updates in a row have a non-finite loss or gradient"""
+    # held-out evaluation during training
+    eval_every: int = 50
+    """greedy accuracy and format rate on held-out problems at step 0, every N steps and at the end, into eval.jsonl
+    and curves.png (0: never)"""
+    eval_data: str = ""
+    """data to evaluate on, as --data ('': the training data's own --eval-split; a single file has none)"""
+    eval_split: str = "test"
+    """split of the held-out problems (geometry3k: 601 test problems)"""
+    eval_limit: int = 0
+    """evaluate the first N usable held-out problems only (0: all)"""
     # logging and checkpoints
     save_every: int = 50
     """rollout steps between checkpoints"""
@@ -153,7 +163,7 @@ PRESETS = {
     # The toy task of toy.py: a tiny model, small images, short answers, minutes on a laptop CPU.
     "toy": dict(model="toy", prompts_per_step=8, group_size=8, max_new_tokens=32, lr=1e-3, min_lr=1e-4,
                 mini_batch_size=64, micro_batch_size=64, max_pixels=168 * 168, min_pixels=28 * 28, kl_beta=0.02,
-                gradient_checkpointing=False, steps=300, save_every=50, adam_betas=(0.9, 0.99)),
+                gradient_checkpointing=False, steps=300, save_every=50, adam_betas=(0.9, 0.99), eval_every=25),
 }
 
 
@@ -164,7 +174,8 @@ def parse_args(argv=None) -> Args:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
-        flag, help_ = "--" + f.name.replace("_", "-"), " ".join(docs[f.name].split())
+        # argparse %-formats help strings (for %(default)s): a literal % in a docstring must be written %%
+        flag, help_ = "--" + f.name.replace("_", "-"), " ".join(docs[f.name].split()).replace("%", "%%")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.type is tuple:
@@ -248,11 +259,9 @@ def from_authors_format(row: dict, answer_column: str = "answer") -> dict:
     return {"images": images, "problem": text, "answer": str(row.get(answer_column, ""))}
 
 
-def prepare_example(row: dict, args: Args, base: Path | None) -> dict:
-    """One table row -> {'image': PIL RGB, 'problem': str, 'answer': str}, or BadRow with the reason."""
-    image = row.get(args.image_column)
-    if isinstance(image, list):
-        image = image[0] if image else None
+def open_image(image, base: Path | None = None) -> Image.Image:
+    """An image as a table holds it (PIL, {'bytes', 'path'}, bytes, or a path relative to `base`) -> PIL RGB;
+    BadRow if there is none or it does not decode."""
     if isinstance(image, dict):  # an undecoded datasets Image: {'bytes': ..., 'path': ...}
         image = image.get("bytes") or image.get("path")
     if not isinstance(image, (bytes, str, Image.Image)):
@@ -264,16 +273,32 @@ def prepare_example(row: dict, args: Args, base: Path | None) -> dict:
             # A relative path is relative to the data file, not to wherever the command was started.
             image = Image.open(base / image if base is not None and not os.path.isabs(image) else image)
         image.load()
-        image = image.convert("RGB")
+        return image.convert("RGB")
     except (OSError, ValueError) as err:
         raise BadRow(f"unreadable image: {err}") from None
+
+
+def prepare_example(row: dict, args: Args, base: Path | None) -> dict:
+    """One table row -> {'images': [PIL RGB], 'problem': str, 'answer': str}, or BadRow with the reason."""
+    image = row.get(args.image_column)
+    image = open_image((image or [None])[0] if isinstance(image, list) else image, base)  # training keeps one
     problem, answer = row.get(args.problem_column), row.get(args.answer_column)
     if not isinstance(problem, str) or not problem.replace("<image>", "").strip():
         raise BadRow("empty problem")
     answer = "" if answer is None else str(answer)
     if reward.parse_gold(answer) is None:  # APO_SPEC §1 Decision: a data error, not a free reward
         raise BadRow(f"unparseable gold answer {answer[:60]!r}")
-    return {"image": image, "problem": problem, "answer": answer}
+    return {"images": [image], "problem": problem, "answer": answer}
+
+
+def usable_example(row: dict, args: Args, base: Path | None, processor) -> dict:
+    """prepare_example, and a prompt that fits --max-prompt-tokens; BadRow otherwise."""
+    example = prepare_example(row, args, base)
+    n_tokens = rollout.encode_prompts(processor, [example["images"]], [example["problem"]], args.min_pixels,
+                                      args.max_pixels)["input_ids"].shape[1]
+    if n_tokens > args.max_prompt_tokens:
+        raise BadRow(f"prompt of {n_tokens} tokens > --max-prompt-tokens {args.max_prompt_tokens}")
+    return example
 
 
 def data_order(n_rows: int, position: int, seed: int, shuffle: bool) -> int:
@@ -525,6 +550,8 @@ def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict 
     processor.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        # the loop's counters, readable without loading the optimizer: which folder is latest, and for people
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state["state"], indent=1))
     if final.exists():  # only final/ is ever rewritten: move the old one aside first, drop it once the new one is in
         os.replace(final, out / f".old-{name}")
     os.replace(tmp, final)
@@ -532,6 +559,13 @@ def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict 
     if keep_last:
         for old in sorted(out.glob("checkpoint-*"))[:-keep_last]:
             shutil.rmtree(old)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The folder to resume `out` from: the checkpoint-NNNNNN or final/ (a finished run, which can be extended
+    with a larger --steps) with the most steps done; None if there is none."""
+    found = [p for p in [*out.glob("checkpoint-*"), out / "final"] if (p / "trainer_state.json").exists()]
+    return max(found, key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"], default=None)
 
 
 def rng_state() -> dict:
@@ -546,21 +580,109 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------------------- logging
+def held_out_examples(args: Args, processor) -> list:
+    """The problems evaluated during training: the usable rows of --eval-data (default: the training data) in
+    --eval-split, up to --eval-limit of them; [] when evaluation is off or there is no such split."""
+    if not args.eval_every:
+        return []
+    if not args.eval_data and Path(args.data).suffix in (".json", ".jsonl", ".parquet"):
+        print(f"no held-out evaluation: {args.data} has no {args.eval_split} split (name one with --eval-data)")
+        return []
+    held_out = dataclasses.replace(args, data=args.eval_data or args.data, split=args.eval_split)
+    try:
+        table, base = load_table(held_out)
+    except ValueError as err:  # datasets: "Unknown split"
+        print(f"no held-out evaluation: {err}")
+        return []
+    examples, skipped = [], 0
+    for index in range(len(table)):
+        if args.eval_limit and len(examples) == args.eval_limit:
+            break
+        try:
+            examples.append(usable_example(table[index], held_out, base, processor))
+        except (BadRow, OSError):
+            skipped += 1
+    print(f"held-out evaluation: {len(examples)} problems of {held_out.data} ({held_out.split}; {skipped} bad rows "
+          f"skipped), at step 0, every {args.eval_every} steps and at the end")
+    return examples
+
+
+def evaluate(model, processor, examples: list, args: Args) -> dict:
+    """Greedy answers to held-out problems, with the training prompt and rewards: accuracy, format rate, length."""
+    greedy = rollout.generation_config(processor, args.max_new_tokens, 1.0, 1.0, do_sample=False)
+    batch = args.generation_batch_size or args.prompts_per_step * args.group_size  # as much as a rollout holds
+    answers = rollout.answer(model, processor, examples, greedy, batch, args.min_pixels, args.max_pixels)
+    texts = [a["texts"][0] for a in answers]
+    n = len(examples)
+    return {"accuracy": sum(reward.accuracy_reward(t, e["answer"]) for t, e in zip(texts, examples)) / n,
+            "format_rate": sum(reward.format_reward(t) > 0 for t in texts) / n,
+            "response_length": sum(a["lengths"][0] for a in answers) / n,
+            "truncated_rate": sum(a["truncated"][0] for a in answers) / n, "problems": n}
+
+
+CURVES = [  # panel title, then (log, key, label) drawn in it: log 'metrics' is per step, 'eval' per evaluation
+    ("reward", [("metrics", "reward", "")]),
+    ("accuracy", [("metrics", "accuracy", "sampled"), ("eval", "accuracy", "held-out, greedy")]),
+    ("format rate", [("metrics", "format_rate", "sampled"), ("eval", "format_rate", "held-out, greedy")]),
+    ("response length (tokens)", [("metrics", "response_length_correct", "correct"),
+                                  ("metrics", "response_length_wrong", "wrong")]),
+    ("KL to the reference", [("metrics", "kl", "")]), ("entropy", [("metrics", "entropy", "")]),
+    ("DADS: mean KL weight of positives", [("metrics", "dads_weight_pos_mean", "")]),
+    ("STCR: advantage multiplier of negatives", [("metrics", "stcr_mult_neg_mean", "mean"),
+                                                 ("metrics", "stcr_mult_neg_max", "max")]),
+]
+
+
+def plot_curves(run_dirs: list, path: Path, smooth: int = 10) -> Path:
+    """The curves of one or more run folders in one PNG: per-step metrics (metrics.jsonl) raw and faint, with a
+    moving average over `smooth` steps on top; held-out evaluations (eval.jsonl) as dots joined by dashes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for colour, run in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9, map(Path, run_dirs)):
+        logs = {log: [json.loads(line) for line in (run / f"{log}.jsonl").read_text().splitlines() if line]
+                if (run / f"{log}.jsonl").exists() else [] for log in ("metrics", "eval")}
+        for ax, (title, curves) in zip(axes.flat, CURVES):
+            for (log, key, label), style in zip(curves, ("-", "--")):
+                points = [(r["step"], r[key]) for r in logs[log] if r.get(key) is not None]
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                label = f"{run.name} {label}".strip()
+                if log == "eval":
+                    ax.plot(steps, values, "o--", color=colour, markersize=3, label=label)
+                    continue
+                window = [values[max(0, i - smooth + 1):i + 1] for i in range(len(values))]
+                ax.plot(steps, values, style, color=colour, alpha=0.2, linewidth=0.8)
+                ax.plot(steps, [sum(w) / len(w) for w in window], style, color=colour, label=label)
+            ax.set_title(title, fontsize=9)
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)  # STCR's multipliers are 1.00001-ish: show them whole
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=60, pil_kwargs={"optimize": True})
+    plt.close(fig)
+    return Path(path)
+
+
 # ------------------------------------------------------------------------------------------------- training loop
 def train(args: Args) -> Path:
     """Run APO as configured; returns the run folder."""
     from tqdm import tqdm
 
-    from eval import plot_run
-
     out = Path(args.out)
     device, dtype = resolve_device(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    checkpoints = sorted(out.glob("checkpoint-*"))
     if out.exists() and any(out.glob("*.jsonl")) and not args.resume:
         sys.exit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if args.resume and not checkpoints:
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
         sys.exit(f"--resume: no checkpoint found in {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -573,7 +695,7 @@ def train(args: Args) -> Path:
     on_policy = minibatches_per_step == 1  # one optimizer step per rollout: ℓ_old = ℓ_θ, no separate pass needed
 
     # models: the policy, and the frozen reference it is kept close to (APO_SPEC §6)
-    model, processor = load_model(str(checkpoints[-1]) if args.resume else args.model, dtype, device,
+    model, processor = load_model(str(resume_from or args.model), dtype, device,
                                   args.trust_remote_code)
     reference = None
     if args.kl_beta > 0:  # always the starting model, also when resuming
@@ -587,29 +709,57 @@ def train(args: Args) -> Path:
     lr_at = lambda update: cosine_schedule(update, total_updates, args.warmup_ratio, args.lr, args.min_lr)  # noqa
     gen_config = rollout.generation_config(processor, args.max_new_tokens, args.temperature, args.top_p)
 
-    state = {"step": 0, "position": 0, "updates": 0, "bad_rows": 0, "skipped_updates": 0, "bad_in_a_row": 0}
+    state = {"step": 0, "position": 0, "updates": 0, "bad_rows": 0, "skipped_updates": 0, "bad_in_a_row": 0,
+             "steps": steps}
     if args.resume:
         # weights_only: the state holds tensors and plain data, so no pickled code can run on loading
-        saved = torch.load(checkpoints[-1] / "trainer_state.pt", weights_only=True)
+        saved = torch.load(resume_from / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
         state = saved["state"]
-        for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was logged after that checkpoint: it is redone
-            path = out / name
+        # Drop what was logged after that checkpoint: it is redone. A step's metrics and samples are logged during
+        # the step, an evaluation at step s after s steps (step 0: before any).
+        for name, kept in (("metrics", range(state["step"])), ("samples", range(state["step"])),
+                           ("eval", range(state["step"] + 1))):
+            path = out / f"{name}.jsonl"
             if path.exists():
-                lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] < state["step"]]
+                lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] in kept]
                 path.write_text("".join(l + "\n" for l in lines))
-        print(f"resumed from {checkpoints[-1]} at step {state['step']}")
+        print(f"resumed from {resume_from} at step {state['step']}")
+        if state["step"] >= steps:
+            print(f"{out} has done {state['step']} steps already: nothing to do (a larger --steps extends it)")
+            return out
+        if state.get("steps", steps) != steps:  # an extended run: the schedule is that of a run of `steps` steps
+            print(f"the run was planned for {state['steps']} steps, now {steps}: the learning rate follows the "
+                  f"{steps}-step schedule from here on ({lr_at(state['updates'] - 1):.3g} -> "
+                  f"{lr_at(state['updates']):.3g})")
+            state["steps"] = steps
     seen_bad = set()
+    held_out = held_out_examples(args, processor)
+    evaluated = {json.loads(l)["step"] for l in (out / "eval.jsonl").read_text().splitlines()} \
+        if (out / "eval.jsonl").exists() else set()
+
+    def evaluate_after(done: int):
+        """Held-out evaluation of the policy after `done` steps: at 0, every --eval-every steps, at the end."""
+        if held_out and (done % args.eval_every == 0 or done == steps) and done not in evaluated:
+            timer = time.perf_counter()
+            result = {"step": done, **evaluate(model, processor, held_out, args),
+                      "seconds": time.perf_counter() - timer}
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            evaluated.add(done)
+            tqdm.write(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format {result['format_rate']:.3f} "
+                       f"({result['problems']} problems, {result['seconds']:.1f} s)")
 
     def checkpoint(name: str, keep_last: int = args.keep_last):
         save_checkpoint(out, name, model, processor, {"optimizer": optimizer.state_dict(), "rng": rng_state(),
                                                       "state": dict(state), "args": dataclasses.asdict(args)},
                         keep_last)
-        plot_run(out)  # out/curves.png (eval.py), redrawn at each checkpoint and at the end
+        plot_curves([out], out / "curves.png")  # redrawn at each checkpoint and at the end
 
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc="APO" if args.dads or args.stcr
                else "GRPO", dynamic_ncols=True)
+    evaluate_after(state["step"])
     for step in bar:
         timer = time.perf_counter()
 
@@ -619,12 +769,7 @@ def train(args: Args) -> Path:
             index = data_order(len(table), state["position"], args.seed, args.shuffle)
             state["position"] += 1
             try:  # (reading the row decodes its image: a corrupt one fails right here)
-                example = prepare_example(table[index], args, base)
-                n_tokens = rollout.encode_prompts(processor, [example["image"]], [example["problem"]],
-                                                  args.min_pixels, args.max_pixels)["input_ids"].shape[1]
-                if n_tokens > args.max_prompt_tokens:
-                    raise BadRow(f"prompt of {n_tokens} tokens > --max-prompt-tokens {args.max_prompt_tokens}")
-                examples.append(example)
+                examples.append(usable_example(table[index], args, base, processor))
             except (BadRow, OSError) as err:
                 state["bad_rows"] += 1
                 skipped_here += 1
@@ -633,7 +778,7 @@ def train(args: Args) -> Path:
                     tqdm.write(f"skipping row {index}: {err}")
                 if skipped_here > len(table):
                     sys.exit(f"no usable row in a whole pass over {args.data}: check the data")
-        prompts = rollout.encode_prompts(processor, [e["image"] for e in examples],
+        prompts = rollout.encode_prompts(processor, [e["images"] for e in examples],
                                          [e["problem"] for e in examples], args.min_pixels, args.max_pixels)
 
         # --- rollout: G responses per prompt (rollout.py)
@@ -706,6 +851,7 @@ def train(args: Args) -> Path:
                                     "rewards": rewards[b].tolist(), "advantages": advantages[b].tolist()}) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         len=f"{metrics['response_length']:.0f}")
+        evaluate_after(step + 1)
 
         if state["bad_in_a_row"] >= args.max_bad_updates:
             checkpoint(f"checkpoint-{step + 1:06d}")

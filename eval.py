@@ -1,21 +1,28 @@
-"""Evaluate Qwen2.5-VL policies on a data set, and draw training curves.
+"""Evaluate Qwen2.5-VL policies: the five benchmarks of the paper's Table 1, geometry3k, or any training-format data.
 
-    python eval.py --model runs/toy/final --data toy --split test --out runs/toy/eval.json --baseline toy
-    python eval.py --model runs/apo/final --data geo3k --split test --out runs/apo/geo3k.json --samples 8
-    python eval.py --plot runs/toy-apo runs/toy-grpo --out docs/toy_apo_vs_grpo.png
+    python eval.py --model runs/apo/final --baseline Qwen/Qwen2.5-VL-3B-Instruct --bench all --out runs/apo/table1.json
+    python eval.py --model runs/apo/final --bench mathvista --limit 100            # a quick look
+    python eval.py --model M --bench mathverse --data path/to/MathVerse            # a local copy, Hub layout or parquet
+    python eval.py --model runs/toy/final --baseline toy --data toy --samples 4    # training-format data, pass@4
+    python eval.py --plot runs/apo runs/grpo --out curves.png                       # training curves of run folders
 
-Each problem is answered once greedily: accuracy, format rate, and mean response length over all, correct and wrong
-responses. `--samples k` adds k sampled responses per problem (at --temperature) for pass@k, the share of problems
-that at least one of the k samples solves, and the mean accuracy of a single sample. `--baseline M2` answers the
-same prompts with a second model and prints the two side by side. The numbers go to --out (JSON, with every
-response), and a bar chart beside it (same name, .png).
-
-Prompts, rewards and data loading are those of training (apo.py, rollout.py, reward.py), so an evaluation scores
-exactly what training optimizes.
+How a benchmark is scored (the authors released no evaluation; the README's "Reproducing Table 1" says why absolute
+numbers differ from official ones): each row becomes images, the problem text, a gold and its kind
+(`benchmark_example`); the model answers greedily with the training prompt (`rollout.build_messages`: the images,
+the problem, then "think in <think>, answer in <answer>"); `score` checks the final answer by rules, no LLM judge:
+- letter (multiple choice): the answer's letter (A–I: "B", "(B)", "B.", "B: text", "\\text{B}", "**B**", "The answer
+  is B"), or, with no letter, the one option whose text (or value) it gives;
+- number (MathVista integer / float): equal after rounding to the row's precision, units ignored;
+- math (free form): the training reward's reading of the gold (a value, or normalized text when it is not one), or
+  normalized text equality; any of several acceptable golds (MMMU);
+- the final answer is the <answer> block's (or its \\boxed{…}), else the last \\boxed{…}; otherwise 0: no random
+  guess, no judge.
 """
 
 import argparse
+import ast
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,52 +31,206 @@ import apo
 import reward
 import rollout
 
+MMMU_SUBJECTS = (
+    "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
+    "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design", "Diagnostics_and_Laboratory_Medicine",
+    "Economics", "Electronics", "Energy_and_Power", "Finance", "Geography", "History", "Literature", "Manage",
+    "Marketing", "Materials", "Math", "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology",
+    "Public_Health", "Sociology")
+# name -> (Hub id, config(s), split). MathVerse: all 3,940 rows of testmini (788 problems × 5 versions), as R1-style
+# papers report it; MMMU: its 30 subject configs, 900 validation rows.
+BENCHMARKS = {
+    "mathvista": ("AI4Math/MathVista", None, "testmini"),
+    "mathverse": ("AI4Math/MathVerse", "testmini", "testmini"),
+    "mmk12": ("FanqingM/MMK12", None, "test"),
+    "mmstar": ("Lin-Chen/MMStar", "val", "val"),
+    "mmmu": ("MMMU/MMMU", MMMU_SUBJECTS, "validation"),
+    "geo3k": ("hiyouga/geometry3k", None, "test"),
+}
+# The paper's Table 1 (accuracy, %): Qwen2.5-VL-3B-Instruct -> View-R1-3B (APO). geometry3k is not in it.
+PAPER = {"mathvista": (57.8, 66.2), "mathverse": (34.7, 41.6), "mmk12": (43.5, 47.0), "mmstar": (54.1, 61.3),
+         "mmmu": (47.6, 48.9)}
+TITLES = {"mathvista": "MathVista", "mathverse": "MathVerse", "mmk12": "MMK12", "mmstar": "MMStar", "mmmu": "MMMU",
+          "geo3k": "geometry3k"}
 
-def load_examples(cfg: apo.Args, limit: int = 0) -> tuple:
-    """The usable rows of cfg.data / cfg.split as prepared examples, and how many rows were skipped as bad."""
-    table, base = apo.load_table(cfg)
+
+# ------------------------------------------------------------------------------------------------ rows -> examples
+def inline_choices(text: str) -> list | None:
+    """Options written inside a question, in order from A: "Choices:\\nA:40°\\nB:60°" (MathVerse), "A. 3\\nB. 4"
+    (MMK12), "Options: A: on the book., B: beneath the cat." (MMStar). None when there are fewer than two."""
+    markers = [m for m in re.finditer(r"(?:^|\n|,\s+|:\s*)\(?([A-I])\)?\s*[:.．、)]\s*", text)]
+    kept = []
+    for m in markers:
+        if m.group(1) == "ABCDEFGHI"[len(kept)]:
+            kept.append(m)
+    options = [text[m.end():(kept[i + 1].start() if i + 1 < len(kept) else len(text))].split("\n")[0].strip(" ,")
+               for i, m in enumerate(kept)]
+    return options if len(options) >= 2 else None
+
+
+def benchmark_example(name: str, row: dict) -> dict:
+    """One row of benchmark `name` -> {'images': [PIL], 'problem': the text shown before the format instruction,
+    'answer': the gold (a list where several are right), 'kind': 'letter' | 'number' | 'math' | 'text',
+    'choices': option texts or None, 'precision': decimals of a number, 'unit', 'groups': {breakdown: value}}.
+    apo.BadRow when the row cannot be used."""
+    example = {"choices": None, "precision": None, "unit": None, "groups": {}}
+
+    def letter(gold: str) -> str | None:  # "C", "(C)" -> "C"
+        parsed = reward.parse_gold(gold)
+        return parsed.value if parsed is not None and parsed.kind == "letter" else None
+
+    if name == "mathvista":
+        choices = list(row["choices"] or [])
+        example.update(images=[apo.open_image(row["decoded_image"])], problem=row["query"], unit=row.get("unit"),
+                       groups={"question_type": row["question_type"], "answer_type": row["answer_type"]})
+        if row["question_type"] == "multi_choice":
+            if row["answer"] not in choices:
+                raise apo.BadRow(f"answer {row['answer']!r} is none of the choices")
+            example.update(answer=chr(65 + choices.index(row["answer"])), kind="letter", choices=choices)
+        elif row["answer_type"] in ("integer", "float"):
+            example.update(answer=row["answer"], kind="number", precision=int(row.get("precision") or 0))
+        else:  # 'list' (2 rows): a Python-style list, read as a set
+            example.update(answer=row["answer"], kind="math")
+    elif name == "mathverse":
+        multi, gold = row["question_type"] == "multi-choice", row["answer"].strip()
+        example.update(images=[apo.open_image(row["image"])], problem=row["query_cot"], answer=letter(gold) or gold,
+                       kind="letter" if multi and letter(gold) else "text" if multi else "math",  # "False": text
+                       choices=inline_choices(row["question"]) if multi else None,
+                       groups={"problem_version": row["problem_version"]})
+    elif name in ("mmk12", "mmstar"):
+        if not letter(row["answer"]):
+            raise apo.BadRow(f"answer {row['answer']!r} is not a choice letter")
+        example.update(images=[apo.open_image(row["image"])], problem=row["question"],
+                       answer=letter(row["answer"]), kind="letter",
+                       choices=inline_choices(row["question"]),
+                       groups={"subject": row["subject"]} if name == "mmk12" else {"category": row["category"]})
+    elif name == "mmmu":
+        options = ast.literal_eval(row["options"]) if row["options"] else []
+        text = row["question"] + "".join(f"\n({chr(65 + i)}) {o}" for i, o in enumerate(options))
+        # each image the text refers to ("<image 3>"), once, in the order of first mention (rollout.build_messages
+        # puts it where its tag first stands)
+        numbers = list(dict.fromkeys(int(k) for k in re.findall(r"<image (\d+)>", text)))
+        images = [apo.open_image(row.get(f"image_{k}")) for k in numbers]
+        multi = row["question_type"] == "multiple-choice"
+        gold = row["answer"]
+        if not multi and gold.startswith("["):  # several acceptable answers, e.g. "['24/7', '3.429']"
+            gold = [str(g) for g in ast.literal_eval(gold)]
+        example.update(images=images, problem=text, answer=gold, kind="letter" if multi else "math",
+                       choices=options if multi else None, groups={"subject": "_".join(row["id"].split("_")[1:-1])})
+        if not images:
+            raise apo.BadRow("no image referenced")
+    else:
+        raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
+    if not example["images"]:
+        raise apo.BadRow("no image")
+    return example
+
+
+def training_example(row: dict, cfg: apo.Args, base) -> dict:
+    """A row of training-format data (geometry3k, toy, a file): the kind is the training reward's reading."""
+    example = apo.prepare_example(row, cfg, base)
+    return {**example, "kind": reward.parse_gold(example["answer"]).kind, "choices": None, "precision": None,
+            "unit": None, "groups": {}}
+
+
+def load_examples(name: str, source: str, cfg: apo.Args, limit: int = 0) -> tuple:
+    """The usable examples of a benchmark (by its Hub id, or `source`: a local copy in the Hub layout or a parquet
+    file) or of training-format data, and how many rows were skipped as bad (each named once)."""
+    import datasets
+
+    if name in BENCHMARKS and name != "geo3k":
+        hub_id, config, split = BENCHMARKS[name]
+        source = source or hub_id
+        if source.endswith(".parquet"):
+            table = datasets.load_dataset("parquet", data_files=source, split="train")
+        else:
+            configs = list(config) if isinstance(config, tuple) else [config]
+            if isinstance(config, tuple) and Path(source).is_dir():  # a local copy may hold some subjects only
+                configs = [c for c in datasets.get_dataset_config_names(source) if c in config]
+            table = datasets.concatenate_datasets([datasets.load_dataset(source, c, split=split) for c in configs])
+        make, base = (lambda row: benchmark_example(name, row)), None
+    else:
+        cfg.data = source or name
+        table, base = apo.load_table(cfg)
+        make = lambda row: training_example(row, cfg, base)  # noqa: E731
     examples, skipped = [], 0
-    for i in range(min(len(table), limit or len(table))):
+    for i in range(len(table)):
+        if limit and len(examples) == limit:
+            break
         try:
-            examples.append(apo.prepare_example(table[i], cfg, base))
-        except (apo.BadRow, OSError) as err:  # (reading a row decodes its image: a corrupt one fails there)
+            examples.append(make(table[i]))
+        except (apo.BadRow, OSError, ValueError, SyntaxError) as err:  # (reading a row decodes its images)
             skipped += 1
-            print(f"skipping row {i}: {err}")
+            print(f"{name}: skipping row {i}: {err}")
     if not examples:
-        raise SystemExit(f"{cfg.data} ({cfg.split}): no usable rows")
+        raise SystemExit(f"{name}: no usable rows")
     return examples, skipped
 
 
-@torch.no_grad()
-def answer_all(model_name: str, examples: list, cfg: apo.Args, device, dtype, samples: int, batch_size: int) -> list:
-    """One record per example: the greedy response, its scores and length, and (samples > 0) the samples' scores."""
-    model, processor = apo.load_model(model_name, dtype, device, cfg.trust_remote_code)
+# ---------------------------------------------------------------------------------------------------------- score
+def _same_option(answer: str, option: str) -> bool:
+    """An answer that gives an option's text, or its value (the option read as a gold is)."""
+    gold = reward.parse_gold(option)
+    return reward.plain_text(answer) == reward.plain_text(option) or gold is not None and gold.kind != "letter" and \
+        reward.answer_matches(answer, gold)
+
+
+def _is_right(example: dict, response: str) -> bool:
+    answer = reward.extract_answer(response)
+    if not answer:
+        return False
+    golds = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
+    if example["kind"] == "letter":
+        letter = reward.letter_of(answer)
+        if letter:
+            return letter == golds[0]
+        chosen = [i for i, option in enumerate(example["choices"] or []) if _same_option(answer, option)]
+        return chosen == [ord(golds[0]) - 65]
+    if example["kind"] == "number":  # units ignored: math-verify drops the ones it knows, and here what follows
+        for text in (answer, re.sub(r"(?<=[\d}])\s*[^\d\s{}][^\d{}]*$", "", answer)):  # the number ("1.25 J")
+            value = reward.math_value(text)
+            if value is not None and getattr(value, "is_number", False) and value.is_real:
+                digits = example["precision"] or 0
+                return round(float(value), digits) == round(float(golds[0]), digits)
+        return False
+    for gold in golds:  # math and text
+        parsed = reward.parse_gold(gold)
+        if parsed is not None and reward.is_correct(response, parsed) or \
+                example["kind"] == "math" and reward.plain_text(answer) == reward.plain_text(gold):
+            return True
+    return False
+
+
+def score(example: dict, response: str) -> float:
+    """1.0 when the response's final answer is right by the rule of the example's kind (module docstring), else
+    0.0. Never raises; the training reward's time budget (CPU time) applies."""
+    return 1.0 if reward.budgeted(_is_right, example, response) else 0.0
+
+
+# ------------------------------------------------------------------------------------------------------- evaluate
+def evaluate(model, processor, examples: list, cfg: apo.Args, samples: int, batch_size: int, progress: str) -> list:
+    """One record per example: the greedy response, its score, format and length; with samples, their scores."""
     greedy = rollout.generation_config(processor, cfg.max_new_tokens, 1.0, 1.0, do_sample=False)
-    sampling = rollout.generation_config(processor, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    answers = rollout.answer(model, processor, examples, greedy, batch_size, cfg.min_pixels, cfg.max_pixels,
+                             progress=progress)
+    drawn = rollout.answer(model, processor, examples, rollout.generation_config(
+        processor, cfg.max_new_tokens, cfg.temperature, cfg.top_p), batch_size, cfg.min_pixels, cfg.max_pixels,
+        samples, progress=f"{progress} samples") if samples else [None] * len(examples)
     records = []
-    for start in range(0, len(examples), batch_size):
-        part = examples[start:start + batch_size]
-        prompts = rollout.encode_prompts(processor, [e["image"] for e in part], [e["problem"] for e in part],
-                                         cfg.min_pixels, cfg.max_pixels)
-        out = rollout.sample_responses(model, processor, prompts, 1, greedy)
-        drawn = rollout.sample_responses(model, processor, prompts, samples, sampling) if samples else None
-        for i, e in enumerate(part):
-            text = out["texts"][i]
-            record = {"problem": e["problem"], "answer": e["answer"], "response": text,
-                      "correct": reward.accuracy_reward(text, e["answer"]) > 0,
-                      "format": reward.format_reward(text) > 0,
-                      "length": out["lengths"][i].item(), "truncated": out["truncated"][i].item()}
-            if drawn is not None:
-                record["samples_correct"] = [reward.accuracy_reward(t, e["answer"]) > 0
-                                             for t in drawn["texts"][i * samples:(i + 1) * samples]]
-            records.append(record)
-        print(f"{model_name}: {len(records)}/{len(examples)}", end="\r", flush=True)
-    print()
+    for e, a, d in zip(examples, answers, drawn):
+        text = a["texts"][0]
+        record = {"problem": e["problem"], "answer": e["answer"], "kind": e["kind"], "groups": e["groups"],
+                  "response": text, "correct": score(e, text) > 0, "format": reward.format_reward(text) > 0,
+                  "length": a["lengths"][0], "truncated": a["truncated"][0]}
+        if d is not None:
+            record["samples_correct"] = [score(e, t) > 0 for t in d["texts"]]
+        records.append(record)
     return records
 
 
 def summarize(records: list, samples: int) -> dict:
-    """Accuracy, format rate, response lengths (all / correct / wrong; None where there is none), pass@k."""
+    """Accuracy, format rate, response lengths (all / correct / wrong; None where there is none), pass@k, and the
+    accuracy per value of each breakdown (MathVerse per problem version, MMStar per category, ...)."""
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     summary = {
         "problems": len(records),
@@ -83,44 +244,67 @@ def summarize(records: list, samples: int) -> dict:
     if samples:
         summary[f"pass@{samples}"] = mean([any(r["samples_correct"]) for r in records])
         summary["sample_accuracy"] = mean([c for r in records for c in r["samples_correct"]])
+    breakdown = {}
+    for r in records:
+        for group, value in r["groups"].items():
+            breakdown.setdefault(group, {}).setdefault(value, []).append(r["correct"])
+    summary["breakdown"] = {group: {value: {"accuracy": mean(hits), "problems": len(hits)}
+                                    for value, hits in sorted(values.items())} for group, values in breakdown.items()}
     return summary
 
 
-def print_table(results: dict):
-    """One row per metric, one column per model, and the difference when there are two."""
-    names = list(results)
-    metrics = [k for k, v in results[names[0]].items() if isinstance(v, (int, float)) or v is None]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    rows = [["metric", *names] + (["difference"] if len(names) == 2 else [])]
-    for k in metrics:
-        values = [results[n][k] for n in names]
-        diff = [f"{values[0] - values[1]:+.3f}".replace("+0.000", "0") if None not in values else "-"] \
-            if len(names) == 2 else []
-        rows.append([k, *map(fmt, values), *diff])
+# --------------------------------------------------------------------------------------------------------- report
+def table_1(results: dict, benches: list) -> str:
+    """A Markdown table shaped like the paper's Table 1: accuracy (%) per benchmark, one row per model, the paper's
+    rows for reference, and the difference when there are two models."""
+    rows = [["model", *(TITLES.get(b, b) for b in benches)]]
+    if any(b in PAPER for b in benches):
+        for i, name in enumerate(("Qwen2.5-VL-3B (paper)", "View-R1-3B, APO (paper)")):
+            rows.append([name, *(f"{PAPER[b][i]:.1f}" if b in PAPER else "" for b in benches)])
+    for model, by_bench in results.items():
+        rows.append([model, *(f"{100 * by_bench[b]['accuracy']:.1f}" for b in benches)])
+    if len(results) == 2:
+        first, second = results.values()
+        rows.append(["difference", *(f"{100 * (first[b]['accuracy'] - second[b]['accuracy']):+.1f}"
+                                     for b in benches)])
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
 
 
-def bar_chart(results: dict, path: Path):
-    """Rates (accuracy, format, pass@k) and response lengths of each model, side by side."""
+def details(results: dict, benches: list) -> str:
+    """Per benchmark: every metric of each model, and the breakdowns."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = []
+    for b in benches:
+        lines.append(f"\n{TITLES.get(b, b)}")
+        first = next(iter(results.values()))[b]
+        for key in (k for k in first if k != "breakdown"):
+            lines.append(f"  {key:30}" + "".join(f"{fmt(r[b][key]):>12}" for r in results.values()))
+        for group, values in first["breakdown"].items():
+            for value in values:
+                lines.append(f"  {group}={value}"[:32].ljust(32) + "".join(
+                    f"{fmt(r[b]['breakdown'][group][value]['accuracy']):>12}" for r in results.values()) +
+                    f"  (n={values[value]['problems']})")
+    return "\n".join(lines)
+
+
+def bar_chart(results: dict, benches: list, path: Path):
+    """Accuracy and mean response length per benchmark, one bar per model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = next(iter(results.values()))
-    panels = [("rate", [k for k in first if k in ("accuracy", "format_rate", "sample_accuracy")
-                        or k.startswith("pass@")]),
-              ("tokens", ["mean_response_length", "mean_response_length_correct", "mean_response_length_wrong"])]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(benches) + 3), 3.6))
     width = 0.8 / len(results)
-    for ax, (unit, keys) in zip(axes, panels):
-        for j, (name, summary) in enumerate(results.items()):
-            values = [summary[k] or 0.0 for k in keys]
-            bars = ax.bar([i + j * width for i in range(len(keys))], values, width, label=name)
-            ax.bar_label(bars, fmt="%.2f" if unit == "rate" else "%.0f", fontsize=7)
-        ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(keys))],
-                      [k.replace("mean_response_length", "length").replace("_", " ") for k in keys], fontsize=8)
+    for ax, (key, unit) in zip(axes, (("accuracy", "accuracy"), ("mean_response_length", "tokens"))):
+        for j, (model, by_bench) in enumerate(results.items()):
+            bars = ax.bar([i + j * width for i in range(len(benches))], [by_bench[b][key] or 0 for b in benches],
+                          width, label=model)
+            ax.bar_label(bars, fmt="%.2f" if key == "accuracy" else "%.0f", fontsize=7)
+        ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(benches))],
+                      [TITLES.get(b, b) for b in benches], fontsize=8)
         ax.set_ylabel(unit)
     axes[0].set_ylim(0, 1.1)
     axes[0].legend(fontsize=7)
@@ -129,68 +313,26 @@ def bar_chart(results: dict, path: Path):
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ training curves
-CURVES = [  # panel title, metrics.jsonl keys drawn in it
-    ("reward", ["reward"]), ("accuracy", ["accuracy"]), ("format rate", ["format_rate"]),
-    ("response length (tokens)", ["response_length_correct", "response_length_wrong"]),
-    ("KL to the reference", ["kl"]), ("entropy", ["entropy"]),
-    ("DADS: mean KL weight of positives", ["dads_weight_pos_mean"]),
-    ("STCR: advantage multiplier of negatives", ["stcr_mult_neg_mean", "stcr_mult_neg_max"]),
-]
-
-
-def plot_runs(run_dirs: list, path: Path, smooth: int = 10):
-    """Training curves of one or more run folders (their metrics.jsonl) in one PNG: raw values faint, and a moving
-    average over `smooth` steps on top."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
-    for colour, run in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9, map(Path, run_dirs)):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-        for ax, (title, keys) in zip(axes.flat, CURVES):
-            for key, style in zip(keys, ("-", "--")):
-                points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-                if not points:
-                    continue
-                steps, values = zip(*points)
-                window = [values[max(0, i - smooth + 1):i + 1] for i in range(len(values))]
-                ax.plot(steps, values, style, color=colour, alpha=0.2, linewidth=0.8)
-                label = run.name + (f" {key.rsplit('_', 1)[-1]}" if len(keys) > 1 else "")  # correct, wrong, ...
-                ax.plot(steps, [sum(w) / len(w) for w in window], style, color=colour, label=label)
-            ax.set_title(title, fontsize=9)
-    for ax in axes.flat:
-        if ax.lines:
-            ax.legend(fontsize=7)
-        ax.ticklabel_format(axis="y", useOffset=False)  # STCR's multipliers are 1.00001-ish: show them whole
-        ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=60, pil_kwargs={"optimize": True})
-    plt.close(fig)
-
-
-def plot_run(run_dir) -> Path:
-    """`run_dir`/curves.png from `run_dir`/metrics.jsonl (apo.py redraws it at each checkpoint and at the end)."""
-    path = Path(run_dir) / "curves.png"
-    plot_runs([run_dir], path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy", help="checkpoint to evaluate: Hub id, folder, or 'toy'")
     p.add_argument("--baseline", default="", help="a second model, answering the same prompts")
-    p.add_argument("--data", default="geo3k", help="as apo.py --data ('geo3k', 'toy', a Hub id, a file, ...)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", default="", help="result JSON (default: eval-<data>-<split>.json); the chart is beside it")
+    p.add_argument("--bench", default="", help=f"benchmarks, comma-separated: {', '.join(BENCHMARKS)}, or 'all' "
+                   "(without --bench: the training-format data of --data)")
+    p.add_argument("--data", action="append", default=[], metavar="[NAME=]PATH",
+                   help="with --bench: a local copy of a benchmark (a folder in the Hub layout, or parquet), "
+                   "NAME=PATH for each of several; without: training-format data as apo.py --data (default geo3k)")
+    p.add_argument("--split", default="test", help="split of training-format data")
+    p.add_argument("--out", default="", help="result JSON (default: eval-<name>.json); a Markdown table (.md) and "
+                   "a chart (.png) are written beside it")
     p.add_argument("--samples", type=int, default=0, help="k sampled responses per problem for pass@k (0: none)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --samples")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="response length limit (0: as training, "
-                   "apo.py's default or the toy preset's)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="response length limit (0: 2048 for the "
+                   "benchmarks, training's for training-format data)")
+    p.add_argument("--max-pixels", type=int, default=0, help="image pixel budget (0: training's)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems only (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N usable problems of each (0: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
@@ -202,35 +344,56 @@ def main(argv=None):
     if a.plot:
         out = Path(a.out or "curves.png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        plot_runs(a.plot, out)
+        apo.plot_curves(a.plot, out)
         print(f"wrote {out}")
         return
 
-    # The data settings (pixel budget, response length, columns) are training's: apo.Args with the toy preset
-    # applied for --data toy.
-    cfg = apo.Args(**{**(apo.PRESETS["toy"] if a.data == "toy" else {}), "model": a.model, "data": a.data,
-                      "split": a.split, "seed": a.seed, "device": a.device, "dtype": a.dtype,
-                      "temperature": a.temperature})
-    if a.max_new_tokens:
-        cfg.max_new_tokens = a.max_new_tokens
+    benches = [b for b in a.bench.split(",") if b] if a.bench != "all" else list(BENCHMARKS)
+    unknown = sorted(set(benches) - set(BENCHMARKS))
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHMARKS)} or all")
+    sources = dict(d.split("=", 1) if "=" in d and d.split("=", 1)[0] in BENCHMARKS else ("", d) for d in a.data)
+    if not benches:  # training-format data: one 'benchmark' named after it
+        if len(a.data) > 1:
+            p.error("without --bench, --data names one data set")
+        benches = [sources.get("", "geo3k")]
+        sources = {benches[0]: benches[0]}
+    elif "" in sources:
+        if len(benches) > 1:
+            p.error("with several benchmarks, name each local copy: --data NAME=PATH")
+        sources = {benches[0]: sources[""]}
+
+    # The data settings (pixel budget, response length, columns) are training's: apo.Args, with the toy preset
+    # applied for toy data.
+    toy = benches == ["toy"]
+    cfg = apo.Args(**{**(apo.PRESETS["toy"] if toy else {}), "model": a.model, "split": a.split, "seed": a.seed,
+                      "device": a.device, "dtype": a.dtype, "temperature": a.temperature})
+    cfg.max_new_tokens = a.max_new_tokens or (cfg.max_new_tokens if set(benches) - set(PAPER) else 2048)
+    cfg.max_pixels = a.max_pixels or cfg.max_pixels
     device, dtype = apo.resolve_device(cfg)
-    torch.manual_seed(a.seed)
-    examples, skipped = load_examples(cfg, a.limit)
+    data = {b: load_examples(b, sources.get(b, ""), apo.Args(**{**vars(cfg)}), a.limit) for b in benches}
+
     results, responses = {}, {}
     for name in [a.model] + ([a.baseline] if a.baseline else []):
-        records = answer_all(name, examples, cfg, device, dtype, a.samples, a.batch_size)
-        results[name], responses[name] = summarize(records, a.samples), records
-    print_table(results)
+        torch.manual_seed(a.seed)
+        model, processor = apo.load_model(name, dtype, device, cfg.trust_remote_code)
+        results[name], responses[name] = {}, {}
+        for b in benches:
+            records = evaluate(model, processor, data[b][0], cfg, a.samples, a.batch_size, progress=f"{name} {b}")
+            results[name][b], responses[name][b] = summarize(records, a.samples), records
+        del model
+    table = table_1(results, benches)
+    print(details(results, benches) + "\n\n" + table)
 
-    out = Path(a.out or f"eval-{Path(a.data).stem}-{a.split}.json")
+    out = Path(a.out or f"eval-{Path(benches[0]).stem if len(benches) == 1 else 'bench'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"model": a.model, "data": a.data, "split": a.split, "skipped_rows": skipped,
-              "max_new_tokens": cfg.max_new_tokens, **results[a.model], "responses": responses[a.model]}
-    if a.baseline:
-        report["baseline"] = {"model": a.baseline, **results[a.baseline], "responses": responses[a.baseline]}
+    report = {"models": list(results), "benchmarks": benches, "max_new_tokens": cfg.max_new_tokens,
+              "max_pixels": cfg.max_pixels, "skipped_rows": {b: data[b][1] for b in benches},
+              "paper": {b: PAPER[b] for b in benches if b in PAPER}, "results": results, "responses": responses}
     out.write_text(json.dumps(report, indent=1))
-    bar_chart(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    out.with_suffix(".md").write_text(table + "\n")
+    bar_chart(results, benches, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return report
 
 

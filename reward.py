@@ -1,25 +1,46 @@
 """Rewards of APO (APO_SPEC §1): r_i = acc_i + fmt_i, with acc ∈ {0, 1} and fmt ∈ {0, 0.5}.
 
 - format_reward:   0.5 when the response is `<think>…</think>` then `<answer>…</answer>`, each tag once.
-- accuracy_reward: 1.0 when the final answer equals the gold mathematically (math-verify: `parse`, `verify`).
+- accuracy_reward: 1.0 when the final answer equals the gold (math-verify's `verify` for values).
 
-Where this deviates from the authors (examples/scripts/reward_func.py), i.e. the Decisions of APO_SPEC §1:
-- a response without answer tags still gets its last \\boxed{…} checked (accuracy only, never format);
-- a gold that cannot be parsed is a data error, not a success: parse_gold gives None, and the training loop
-  reports and skips the row (the authors' code gives reward 1.0);
-- a multiple-choice gold (a letter A–F) is compared as a letter, exactly (the authors' substring test scores
-  "(D) 80 degrees" wrong because "degrees" holds other letters).
-Added here: bare-LaTeX golds ("2 \\sqrt { 221 }") are read whole, and every call has a time budget.
+The gold decides how an answer is checked (`parse_gold`, APO_SPEC §1 Decisions):
+- a letter A–I ("D", "(D)"): a multiple-choice gold, compared as a letter, exactly;
+- one mathematical value (a number, an expression, a set, a tuple, an interval, a matrix, an equation): math-verify's
+  `verify`, after both sides are read whole as LaTeX;
+- anything else with words or relations that LaTeX cannot hold ("not enough information",
+  "\\angle 1 \\cong \\angle 4"): normalized text, exactly. Such a gold is never read as a number, so no number can
+  collide with it.
+A gold that is none of these is a data error, not a success: parse_gold gives None, and the training loop reports
+and skips the row (the authors' code gives reward 1.0).
+
+Answers are read the way models write them: unicode math (√3, 2√2/5, 8π, 3×10², 70°, −5, ½) is turned into LaTeX
+first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount. The rule that keeps this safe: an answer
+is read whole or not at all. math-verify, when LaTeX fails, picks a number out of the text ("5√2" -> 5,
+"angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding a symbol this code does not
+translate. No wrong answer scores 1 because a symbol was dropped.
+
+Other decisions: a response without answer tags still gets its last \\boxed{…} checked (accuracy only, never
+format); several \\boxed answers are compared as one set or tuple when the gold is one ("\\boxed{1}, \\boxed{2}"
+for {1, 2}), else the last counts; every check has a budget of CPU time.
 """
+import functools
 import logging
 import re
 import signal
 import threading
+import unicodedata
+from fractions import Fraction
 from math import inf
+from typing import NamedTuple
 
+from latex2sympy2_extended.math_normalization import units as UNIT_NAMES
 from math_verify import parse, verify
-from sympy import Basic, E, Float, Pow, Rational, exp
+from math_verify.parser import LatexExtractionConfig
+from sympy import Basic, E, Float, Pow, Rational, Tuple, exp
 from sympy.core.parameters import global_parameters
+from sympy.core.relational import Relational
+from sympy.matrices import MatrixBase
+from sympy.sets import Set
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # quiet its "timeout is disabled": we keep time
 
@@ -41,47 +62,251 @@ def format_reward(response: str) -> float:
         return 0.0
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{…} (braces balanced), or None when there is none or it never closes."""
-    starts = [m.end() for m in re.finditer(r"\\boxed\s*\{", text)]
-    depth = 1
-    for m in re.finditer(r"[{}]", text[starts[-1]:] if starts else ""):
-        depth += 1 if m.group() == "{" else -1
-        if depth == 0:
-            return text[starts[-1]:starts[-1] + m.start()]
-    return None
+# ------------------------------------------------------------------------------------------- the final answer
+def _boxes(text: str) -> list:
+    """Contents of the outermost \\boxed{…} in text (braces balanced), in order; one that never closes is left out.
+    One pass over the braces: linear however many boxes a (degenerate) response holds."""
+    found, opened, depth = [], [], 0  # opened: (where a box's content starts, the depth its closing brace ends at)
+    for m in re.finditer(r"\\boxed\s*\{|[{}]", text):
+        if m.group() != "}":
+            if m.group() != "{":
+                opened.append((m.end(), depth))
+            depth += 1
+            continue
+        depth -= 1
+        if opened and depth == opened[-1][1]:
+            start = opened.pop()[0]
+            if not opened:
+                found.append(text[start:m.start()])
+    return found
+
+
+def _answer_span(response: str) -> tuple:
+    """(text holding the final answer, whether it came from answer tags): the last complete <answer>…</answer>
+    block, else the whole response (whose boxes then count: the Decision of APO_SPEC §1 on untagged answers)."""
+    # rfind, not a lazy regex: "<answer>" repeated with no closing tag would make a regex quadratic.
+    end = response.rfind("</answer>")
+    start = response.rfind("<answer>", 0, end) if end >= 0 else -1
+    return (response[start + len("<answer>"):end], True) if start >= 0 else (response, False)
 
 
 def extract_answer(response: str) -> str | None:
-    """The final answer: the last <answer>…</answer>, or the \\boxed{…} inside it; else the last \\boxed{…}."""
+    """The final answer: the last <answer>…</answer>, or the last \\boxed{…} inside it; else the last \\boxed{…}."""
     try:
-        # rfind, not a lazy regex: "<answer>" repeated with no closing tag would make a regex quadratic.
-        end = response.rfind("</answer>")
-        start = response.rfind("<answer>", 0, end) if end >= 0 else -1
-        if start < 0:  # no complete answer block (none, or a truncated one): Decision of APO_SPEC §1
-            return _last_boxed(response)
-        content = response[start + len("<answer>"):end]
-        boxed = _last_boxed(content)
-        return (content if boxed is None else boxed).strip()
+        span, tagged = _answer_span(response)
+        boxes = _boxes(span)
+        return boxes[-1].strip() if boxes else span.strip() if tagged else None
     except Exception:
         return None
 
 
-# --- Time. No response may stall training; math-verify's own timeouts use signal.alarm: whole seconds, one
-# alarm per parse and per verify, main thread only (ValueError elsewhere). Measured dangers: antlr's parse
-# time doubles per nested brace (0.2 s at depth 6, 2.4 s at 12); sympy spends seconds in ONE C-level big-int
-# call that no signal can interrupt (sqrt(10^2000 + 1): 1.5 s in a primality test; 10^{10^{10}}: forever);
-# symbolic powers expand without end ((x+y+z)^{99}, \cos(\pi/7)^{300}: > 8 s). Hence three layers:
+# Leading choice letter: "D", "D.", "(D) 80 degrees", "**D**", "\text{D}", "D: 80", "The answer is D", "Option D";
+# not "Done", not "d".
+_LETTER = re.compile(r"(?i:(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is\b)?\s*:?\s*)?"
+                     r"[^\w\\]*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?[^\w\\]*([A-I])(?![A-Za-z0-9])")
+
+
+def letter_of(answer: str) -> str | None:
+    """The choice letter an answer opens with (see _LETTER), or None."""
+    m = _LETTER.match(answer[:_MAX_CHARS])
+    return m.group(1) if m else None
+
+
+# --------------------------------------------------------------------------------- reading an answer as math
+# Unicode a model writes for math -> LaTeX. A symbol with no entry here makes the answer unreadable (None below).
+_SYMBOLS = {"−": "-", "–": "-", "—": "-", "×": r"\times ", "⋅": r"\cdot ", "·": r"\cdot ", "∙": r"\cdot ",
+            "÷": r"\div ", "±": r"\pm ", "∓": r"\mp ", "°": r"^{\circ}", "∞": r"\infty ", "≤": r"\le ", "⩽": r"\le ",
+            "≥": r"\ge ", "⩾": r"\ge ", "≠": r"\ne ", "≈": r"\approx ", "∠": r"\angle ", "≅": r"\cong ",
+            "∼": r"\sim ", "∥": r"\parallel ", "⊥": r"\perp ", "△": r"\triangle ", "∈": r"\in ", "∪": r"\cup ",
+            "∩": r"\cap ", "′": "'", "√": r"\sqrt", "∛": r"\sqrt[3]", "∜": r"\sqrt[4]"}
+_SUPERSCRIPT = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻]+")
+_SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻", "0123456789+-")
+
+
+def _unicode_to_latex(text: str) -> str:
+    """x² -> x^{2}, ½ -> \\frac{1}{2}, √(a+b) -> \\sqrt{a+b}, √15 -> \\sqrt{15}, π -> \\pi, 70° -> 70^{\\circ}, ..."""
+    text = _SUPERSCRIPT.sub(lambda m: "^{" + m.group().translate(_SUPERSCRIPT_DIGITS) + "}", text)
+    out = []
+    for c in text:
+        if c in _SYMBOLS:
+            out.append(_SYMBOLS[c])
+        elif unicodedata.category(c) == "No" and unicodedata.numeric(c, 0) % 1:  # ½ ⅓ ¾ ...
+            f = Fraction(unicodedata.numeric(c)).limit_denominator(16)
+            out.append(rf"\frac{{{f.numerator}}}{{{f.denominator}}}")
+        elif unicodedata.name(c, "").startswith(("GREEK SMALL LETTER ", "GREEK CAPITAL LETTER ")):
+            name = unicodedata.name(c).split()[-1].lower()  # π -> pi, Δ -> delta
+            out.append("\\" + (name if "SMALL" in unicodedata.name(c) else name.capitalize()) + " ")
+        else:
+            out.append(c)
+    text = unicodedata.normalize("NFKC", "".join(out))  # fullwidth ５ -> 5
+    # The radicand of a unicode root: a parenthesis becomes braces, a number is wrapped (√12.5 -> \sqrt{12.5}).
+    parts = re.split(r"(\\sqrt(?:\[\d\])?)(?=[(\d])", text)
+    for i in range(2, len(parts), 2):
+        rest = parts[i]
+        if rest[0] == "(":
+            depth = 0
+            for j, c in enumerate(rest):
+                depth += (c == "(") - (c == ")")
+                if depth == 0:
+                    parts[i] = "{" + rest[1:j] + "}" + rest[j + 1:]
+                    break
+        else:
+            parts[i] = re.sub(r"^(\d+(?:\.\d+)?)", r"{\1}", rest)
+    return "".join(parts)
+
+
+def _is_readable(text: str) -> bool:
+    """No character left that math-verify would drop: symbols, other numerals, unassigned or private code points."""
+    return not any(ord(c) > 127 and unicodedata.category(c)[0] in "SNC" and c != "\n" for c in text)
+
+
+# Words (three letters or more, outside LaTeX commands) that are not units make text no single value ("not enough
+# information", "angles 2, 3, 6, and 7"). Units ("2191.7 metres", "70 degrees") are math-verify's to drop.
+_WORDS = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_UNITS = {u + plural for u in UNIT_NAMES if u.isalpha() for plural in ("", "s", "es")}
+_FUNCTIONS = {"sqrt"}  # 2*sqrt(3): math-verify reads it; "sin(30)" without a backslash it reads as s·i·n·30
+
+
+def _has_words(text: str) -> bool:
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\\(?:begin|end)\s*\{\w+\*?\}|\\[A-Za-z]+", " ", text)  # commands, \begin{pmatrix} too
+    return any(w.lower() not in _UNITS | _FUNCTIONS for w in _WORDS.findall(text))
+
+
+_ANSWER_PHRASE = re.compile(r"^(?i:(?:the\s+)?(?:final\s+)?answer\s*(?:is\b)?\s*[:=]?)\s*")
+
+
+def _as_latex(text: str) -> str | None:
+    """An answer as one LaTeX expression for math-verify, or None when it cannot be read without guessing."""
+    text = _unicode_to_latex(text)
+    if not _is_readable(text):
+        return None
+    text = _ANSWER_PHRASE.sub("", text.strip()).rstrip(" .")
+    if _has_words(text):
+        return None  # a sentence is no value (LaTeX would read "so 5 and 7" as a product of letters and a set)
+    text = re.sub(r"\\!|\\\$", "", text)  # thin negative space (16,\!386), escaped dollar (\$5.50: an amount)
+    if text.count("$") % 2:  # one unescaped $ is an amount too ("$36"); pairs are math delimiters
+        text = text.replace("$", "")
+    text = re.sub(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)", lambda m: m.group().replace(" ", ""), text)  # 1 000
+    # "4 4/11" is a mixed number: written as LaTeX reads one (an integer then \frac: 4\frac{4}{11} = 48/11).
+    text = re.sub(r"(?<![\d./])(\d+) +(\d+)/(\d+)(?![\d/])", r"\1\\frac{\2}{\3}", text)
+    if re.search(r"\d\s+\d", text):
+        return None  # other numbers side by side ("5 3"): LaTeX would add them, and a sum is a guess
+    return text if any(d in text for d in ("$", "\\(", "\\[")) else f"${text}$"
+
+
+def math_value(text: str):
+    """`text` as one sympy value (an expression, a relation, a set, a tuple, an interval or a matrix), or None.
+
+    LaTeX extraction only: math-verify's plain-expression fallback picks a number out of whatever it fails to read.
+    No time budget of its own: call it under `budgeted`."""
+    latex = _as_latex(text) if len(text) <= _MAX_CHARS else None
+    if latex is None or _too_costly(latex):
+        return None
+    parsed = parse(latex, [LatexExtractionConfig()], parsing_timeout=None)  # no alarm of its own: we keep time
+    value = parsed[0] if parsed and isinstance(parsed[0], (Basic, MatrixBase)) else None
+    return value if value is not None and _size(value) <= _MAX_SIZE else None
+
+
+def math_equal(gold, pred) -> bool:
+    """Two math values are equal (math-verify's `verify`). A relation gold (a + b = 90, x < 60) needs a relation:
+    math-verify would accept the bare number 90 for a + b = 90."""
+    if pred is None or isinstance(gold, Relational) and not isinstance(pred, Relational):
+        return False
+    return verify([gold], [pred], timeout_seconds=None)
+
+
+def plain_text(text: str) -> str:
+    """Text as compared for text golds: unicode as LaTeX, no $, \\text{} wrappers, sizing or spaces; lower case."""
+    text = _unicode_to_latex(text)
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\\(?:left|right|displaystyle)\b|\\[,;:! ]|[\s{}$]", "", text)
+    return text.rstrip(".").lower()
+
+
+# --------------------------------------------------------------------------------------------------- the gold
+class Gold(NamedTuple):
+    kind: str     # 'letter', 'math' or 'text'
+    value: object  # the letter; the sympy value; the plain_text
+
+
+_LETTER_GOLD = re.compile(r"\(?([A-I])\)?\.?")  # "D" or "(D)": a multiple-choice gold (Decision, APO_SPEC §1)
+_GOLDS: dict = {}  # G responses share a gold: read it once; failures are not cached (a cut-short read may pass)
+
+
+def _read_gold(answer: str) -> Gold | None:
+    letter = _LETTER_GOLD.fullmatch(answer.strip())
+    if letter:
+        return Gold("letter", letter.group(1))
+    value = math_value(answer)
+    if value is not None:
+        return Gold("math", value)
+    # Not one value: text, if it is text at all (letters or digits, balanced braces), else a data error.
+    text = plain_text(answer)
+    balanced = answer.count("{") == answer.count("}")
+    return Gold("text", text) if balanced and re.search(r"[^\W_]", text) and _is_readable(text) else None
+
+
+def parse_gold(answer: str) -> Gold | None:
+    """The gold as a Gold(kind, value), or None when it is not a usable gold (APO_SPEC §1 Decision)."""
+    try:
+        if answer not in _GOLDS:
+            gold = budgeted(_read_gold, answer, budget_s=_GOLD_BUDGET_S)
+            if gold is not None:
+                _GOLDS[answer] = gold
+        return _GOLDS.get(answer)
+    except Exception:  # e.g. not a string
+        return None
+
+
+def answer_matches(answer: str, gold: Gold) -> bool:
+    """Whether a final answer equals the gold, read the gold's way (no time budget of its own)."""
+    if gold.kind == "letter":
+        return letter_of(answer) == gold.value
+    if len(answer) > _MAX_CHARS:  # no value or text gold is this long: not worth reading (see "time" below)
+        return False
+    if gold.kind == "text":
+        return plain_text(answer) == gold.value
+    return math_equal(gold.value, math_value(answer))
+
+
+def is_correct(response: str, gold: Gold) -> bool:
+    """Whether the final answer of `response` equals the gold (no time budget of its own: see accuracy_reward)."""
+    answer = extract_answer(response)
+    if not answer:
+        return False
+    boxes = _boxes(_answer_span(response)[0])
+    if gold.kind == "math" and len(boxes) > 1 and isinstance(gold.value, (Set, Tuple)):
+        answer = ", ".join(boxes)  # a set or tuple, boxed one part at a time
+    return answer_matches(answer, gold)
+
+
+def accuracy_reward(response: str, answer: str) -> float:
+    """1.0 when the final answer of `response` equals the gold `answer` (APO_SPEC §1), else 0.0. Never raises."""
+    gold = parse_gold(answer)  # outside the response's budget: it has its own (an unusable gold is reported
+    if gold is None:           # by the training loop, through parse_gold, and never rewarded)
+        return 0.0
+    return 1.0 if budgeted(is_correct, response, gold) else 0.0  # one budget: extraction, reading, verify
+
+
+# ------------------------------------------------------------------------------------------------------- time
+# No response may stall training; math-verify's own timeouts use signal.alarm: whole seconds, one alarm per parse
+# and per verify, main thread only (ValueError elsewhere). Measured dangers: antlr's parse time doubles per nested
+# brace (0.2 s at depth 6, 2.4 s at 12); sympy spends seconds in ONE C-level big-int call that no signal can
+# interrupt (sqrt(10^2000 + 1): 1.5 s in a primality test; 10^{10^{10}}: forever); symbolic powers expand without
+# end ((x+y+z)^{99}, \cos(\pi/7)^{300}: > 8 s). Hence three layers:
 # (1) _too_costly() rejects, before parsing, long answers, deep brackets, factorials, sums, integrals...;
 # (2) _size() bounds, on the unevaluated tree parse() returns, the integers and terms sympy could build, so
 #     power towers and big powers never reach verify(); (1) and (2) answers score 0;
-# (3) _guarded() arms a SIGALRM timer (setitimer: fractions of a second) that stops whatever pure-Python work
-#     is left after _BUDGET_S, with math-verify's own timeouts off. Signals exist in the main thread only
+# (3) budgeted() arms a timer of the process's CPU time (setitimer(ITIMER_PROF), SIGPROF) that stops whatever
+#     pure-Python work is left after _BUDGET_S CPU seconds, with math-verify's own timeouts off. CPU time, not
+#     wall time: on a loaded machine a check waits longer for the CPU but uses no more of it, so load never turns
+#     a right answer into 0 (a wall-clock budget did: 0.53 s of 0.6 s seen). Signals exist in the main thread only
 #     (where the training loop calls us); in other threads only (1) and (2) hold, so nested trig/log
 #     simplifications there can take long.
 _MAX_CHARS, _MAX_DEPTH, _MAX_SIZE, _BUDGET_S = 200, 5, 2000, 0.6
-# A gold is data, parsed once per row and cached, and a gold cut short would silently zero the accuracy of every
-# response to its prompt: it gets a budget that only a pathological gold exhausts, even on a loaded machine.
+# A gold is data, read once per row and cached, and a gold cut short would silently zero the accuracy of every
+# response to its prompt: it gets a budget that only a pathological gold exhausts.
 _GOLD_BUDGET_S = 10.0
 _EXPLOSIVE = re.compile(r"[\w)}\]]\s*!|\\binom|\\choose|\\Gamma|\\prod|\\sum|\\int|\\lim")
 
@@ -97,8 +322,10 @@ def _too_costly(s: str) -> bool:
 
 def _size(e) -> float:
     """Rough bound on the bits of the integers, or the number of terms, that sympy may build from e."""
+    if isinstance(e, MatrixBase):
+        return sum(_size(x) for x in e)
     if not isinstance(e, Basic):
-        return 0  # math-verify's string fallback
+        return 0
     if isinstance(e, Rational):  # Integer included
         return e.p.bit_length() + e.q.bit_length()
     if isinstance(e, Float):  # mantissa bits + |binary exponent|: 1e99999 could become a huge Rational
@@ -121,77 +348,34 @@ def _alarm(signum, frame):
     raise _OutOfTime
 
 
-def _guarded(fn, *args, budget_s: float = _BUDGET_S):
-    """fn(*args) within budget_s (main thread); None on any error or when out of time."""
-    # A timer already running is an outer _guarded's (it keeps the time) or the caller's (left alone).
-    armed = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-    old = signal.signal(signal.SIGALRM, _alarm) if armed else None
+@functools.cache
+def _warm_up():
+    """The first reading loads math-verify's LaTeX grammar and sympy (~0.5 s of CPU): never on a response's budget."""
+    verify(parse(r"$\frac{1}{2}$", [LatexExtractionConfig()], parsing_timeout=None), parse("$0.5$", parsing_timeout=None),
+           timeout_seconds=None)
+
+
+def budgeted(fn, *args, budget_s: float = _BUDGET_S):
+    """fn(*args) within budget_s CPU seconds (main thread); None on any error or when out of time."""
+    _warm_up()
+    # A timer already running is an outer budgeted's (it keeps the time) or the caller's (left alone).
+    armed = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_PROF)[0] == 0
+    old = signal.signal(signal.SIGPROF, _alarm) if armed else None
     try:
         try:
             if armed:
-                signal.setitimer(signal.ITIMER_REAL, budget_s)
+                signal.setitimer(signal.ITIMER_PROF, budget_s)
             return fn(*args)
         finally:  # the timer is one-shot: once this has run, or the alarm has fired, no alarm can come
             if armed:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.setitimer(signal.ITIMER_PROF, 0)
     except _OutOfTime:
         if not armed:
-            raise  # an outer _guarded's budget ran out: unwind to it
+            raise  # an outer budgeted's time ran out: unwind to it
         global_parameters.evaluate = global_parameters.distribute = True  # sympy may be cut in `evaluate(False)`
     except Exception:
         pass
     finally:
         if armed:
-            signal.signal(signal.SIGALRM, old)
+            signal.signal(signal.SIGPROF, old)
     return None
-
-
-def _parse_math(text: str) -> list:
-    # math-verify reads bare text by picking numbers out of it ("2 \sqrt { 221 }" -> 221), so text without math
-    # delimiters (every geometry3k gold) is wrapped in $…$ and read as ONE LaTeX expression. math-verify's
-    # default extractors still read "The answer is 13" or "80°" as the number. Model output is never run as code:
-    # LaTeX goes through an ANTLR grammar, and the only text handed to sympy's parse_expr (which uses eval) is what
-    # math-verify's expression regex admits: digits, dots, spaces and + - * × / ÷ ^ ( ), no names.
-    if not any(d in text for d in ("$", "\\(", "\\[")):
-        text = f"${text}$"
-    parsed = parse(text, parsing_timeout=None)  # None: no signal.alarm of its own, _guarded keeps time
-    return parsed if max(map(_size, parsed), default=0) <= _MAX_SIZE else []
-
-
-_LETTER_GOLD = re.compile(r"\(?([A-F])\)?")  # "D" or "(D)": a multiple-choice gold (Decision, APO_SPEC §1)
-# The leading choice letter of a prediction: "D", "D.", "(D) 80 degrees", "**D**", "\text{D}"; not "Done".
-_LETTER_PRED = re.compile(r"\W*(?:\\(?:text|textbf|mathrm|mathbf)\{)?\W*([A-F])(?![A-Za-z0-9])")
-_GOLDS: dict = {}  # G responses share a gold: parse it once; failures are not cached (a timeout may pass)
-
-
-def parse_gold(answer: str):
-    """The gold as accuracy_reward needs it: a letter "A"–"F", or math-verify's parse list; None if unparseable."""
-    try:
-        if answer not in _GOLDS:
-            letter = _LETTER_GOLD.fullmatch(answer.strip())
-            parsed = letter.group(1) if letter else (
-                None if _too_costly(answer) else _guarded(_parse_math, answer, budget_s=_GOLD_BUDGET_S))
-            # Only math-verify's string fallback (no sympy object) means it could not be parsed.
-            if isinstance(parsed, str) or any(isinstance(p, Basic) for p in parsed or []):
-                _GOLDS[answer] = parsed
-        return _GOLDS.get(answer)
-    except Exception:  # e.g. not a string
-        return None
-
-
-def _accurate(response: str, gold) -> bool:
-    pred = extract_answer(response)
-    if not pred:
-        return False
-    if isinstance(gold, str):  # a letter gold: the leading choice letter, exactly
-        m = _LETTER_PRED.match(pred[:_MAX_CHARS])
-        return bool(m) and m.group(1) == gold
-    return not _too_costly(pred) and verify(gold, _parse_math(pred), timeout_seconds=None)
-
-
-def accuracy_reward(response: str, answer: str) -> float:
-    """1.0 when the final answer of `response` equals the gold `answer` (APO_SPEC §1), else 0.0. Never raises."""
-    gold = parse_gold(answer)  # outside the response's budget: it has its own (an unparseable gold is reported
-    if gold is None:           # by the training loop, through parse_gold, and never rewarded)
-        return 0.0
-    return 1.0 if _guarded(_accurate, response, gold) else 0.0  # one budget for extraction, parse and verify

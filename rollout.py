@@ -6,11 +6,14 @@ A rollout batch is a plain dict of tensors, N = B·G responses, P = prompt lengt
     input_ids       [N, P+T]   prompt then response, pad after the response's EOS
     attention_mask  [N, P+T]   1 on real prompt tokens and on response tokens up to and including the first EOS
     mm_token_type_ids [N, P+T] 1 on image tokens of the prompt, 0 elsewhere (the completion is all text)
-    pixel_values    [sum_n patches_n, C·t·p·p]   the images' patches, sample after sample
-    image_grid_thw  [N, 3]     each image's patch grid; sample n owns image_grid_thw[n].prod() rows of pixel_values
+    pixel_values    [sum_i patches_i, C·t·p·p]   the images' patches, image after image, sample after sample
+    image_grid_thw  [I, 3]     each image's patch grid; image i owns image_grid_thw[i].prod() rows of pixel_values
+    image_counts    [N]        images per sample (1 in training: I = N; up to 7 for an MMMU question)
     response_mask   [N, T]     1 on response tokens up to and including the first EOS
     prompt_len      int        P
 """
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -21,37 +24,59 @@ from transformers import GenerationConfig
 INSTRUCTION = ("First think through the problem step by step inside <think> </think>, "
                "then give only the final answer inside <answer> </answer>.")
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def build_messages(problem: str) -> list:
-    """One user turn: the image, the problem, then the format instruction (APO_SPEC §1, Decision on the prompt)."""
-    problem = problem.replace("<image>", "").strip()  # geo3k marks the image's place; the chat template places it
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{problem}\n{INSTRUCTION}"}]}]
+def build_messages(problem: str, n_images: int = 1) -> list:
+    """One user turn: the image(s), the problem, then the format instruction (APO_SPEC §1, Decision on the prompt).
+
+    A problem that names its images with tags (MMMU: "<image 1>", up to 7) gets each image where its tag first
+    stands, the images being given in that order; otherwise the images come first. geometry3k marks its one image
+    with "<image>": the mark goes, the chat template places the image."""
+    tagged = re.split(r"(<image \d+>)", problem.replace("<image>", "").strip())
+    content, seen = [], set()
+    for i, part in enumerate(tagged):
+        if i % 2 and part not in seen and len(seen) < n_images:  # a tag's first appearance: its image
+            seen.add(part)
+            content.append({"type": "image"})
+        elif part.strip():
+            content.append({"type": "text", "text": part.strip("<>") if i % 2 else part})
+    content[:0] = [{"type": "image"}] * (n_images - len(seen))  # untagged images: first
+    if content[-1]["type"] == "text":
+        content[-1] = {"type": "text", "text": f"{content[-1]['text'].rstrip()}\n{INSTRUCTION}"}
+    else:
+        content.append({"type": "text", "text": INSTRUCTION})
+    return [{"role": "user", "content": content}]
 
 
 def encode_prompts(processor, images: list, problems: list, min_pixels: int, max_pixels: int) -> dict:
-    """Chat prompts for a batch of (image, problem), left-padded so that generation continues every row at the end."""
-    texts = [processor.apply_chat_template(build_messages(p), add_generation_prompt=True, tokenize=False)
-             for p in problems]
+    """Chat prompts for a batch of (image or list of images, problem), left-padded so that generation continues
+    every row at the end. `image_counts` [N] says how many images each prompt holds (`select` needs it)."""
+    images = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    texts = [processor.apply_chat_template(build_messages(p, len(ims)), add_generation_prompt=True, tokenize=False)
+             for p, ims in zip(problems, images)]
     # qwen-vl-utils resizes each image to a multiple of 28 px within the pixel budget, as Qwen's own pipeline does.
-    images = [fetch_image({"image": im, "min_pixels": min_pixels, "max_pixels": max_pixels}) for im in images]
+    flat = [fetch_image({"image": im, "min_pixels": min_pixels, "max_pixels": max_pixels}) for ims in images
+            for im in ims]
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left",
-                          images_kwargs={"size": size}))
-
-
-def pixel_slices(image_grid_thw: torch.Tensor) -> list:
-    """Row range of `pixel_values` owned by each sample: sample n has image_grid_thw[n].prod() patches."""
-    ends = image_grid_thw.prod(-1).cumsum(0).tolist()
-    return [slice(start, end) for start, end in zip([0] + ends[:-1], ends)]
+    batch = dict(processor(text=texts, images=flat, return_tensors="pt", padding=True, padding_side="left",
+                           images_kwargs={"size": size}))
+    batch["image_counts"] = torch.tensor([len(ims) for ims in images])
+    return batch
 
 
 def select(batch: dict, rows: list) -> dict:
-    """The samples `rows` of a batch (any order, repeats allowed), with their images' patches carried along."""
-    slices = pixel_slices(batch["image_grid_thw"])
+    """The samples `rows` of a batch (any order, repeats allowed), with their images carried along: sample n owns
+    image_counts[n] rows of image_grid_thw, and each image grid_thw.prod() rows of pixel_values."""
+    counts = batch.get("image_counts", torch.ones(batch["input_ids"].shape[0], dtype=torch.long)).tolist()
+    image_ends = torch.tensor(counts).cumsum(0).tolist()
+    patch_ends = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    images = [range(end - n, end) for n, end in zip(counts, image_ends)]  # sample -> its image indices
     out = {k: v[rows] if torch.is_tensor(v) else [v[r] for r in rows] if isinstance(v, list) else v
            for k, v in batch.items()}
-    out["pixel_values"] = torch.cat([batch["pixel_values"][slices[r]] for r in rows])
+    out["image_grid_thw"] = batch["image_grid_thw"][[i for r in rows for i in images[r]]]
+    out["pixel_values"] = torch.cat([batch["pixel_values"][patch_ends[images[r].start]:patch_ends[images[r].stop]]
+                                     for r in rows])
     if "response_mask" in batch:  # drop the columns that are padding for every selected response
         T, keep = batch["response_mask"].shape[1], int(out["response_mask"].sum(-1).max())
         P = batch["prompt_len"]
@@ -95,7 +120,7 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
     chunks = []
     for start in range(0, n, step):
         part = select(batch, list(range(start, min(start + step, n))))
-        part = {k: v.to(device) for k, v in part.items()}
+        part = {k: part[k].to(device) for k in MODEL_INPUTS}
         chunks.append(model.generate(**part, generation_config=gen_config)[:, prompt_len:].cpu())
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -117,6 +142,26 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
     return batch
 
 
+@torch.no_grad()
+def answer(model, processor, examples: list, gen_config: GenerationConfig, batch_size: int, min_pixels: int,
+           max_pixels: int, samples: int = 1, progress: str = "") -> list:
+    """`samples` responses to each example ({'images': [...], 'problem': str}), `batch_size` prompts per `generate`
+    call. One dict per example: texts, lengths (tokens, EOS included) and truncated, each a list of `samples`."""
+    from tqdm import tqdm
+
+    results = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=not progress, leave=False):
+        part = examples[start:start + batch_size]
+        prompts = encode_prompts(processor, [e["images"] for e in part], [e["problem"] for e in part], min_pixels,
+                                 max_pixels)
+        out = sample_responses(model, processor, prompts, samples, gen_config)
+        for i in range(len(part)):
+            rows = slice(i * samples, (i + 1) * samples)
+            results.append({"texts": out["texts"][rows], "lengths": out["lengths"][rows].tolist(),
+                            "truncated": out["truncated"][rows].tolist()})
+    return results
+
+
 def _token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float):
     """log π(target) and the entropy of π, for a chunk of positions: hidden [n, H], targets [n] -> [n], [n]."""
     # [n, V] fp32, the sampling distribution at T; one expression, so that the logits die once normalized
@@ -136,8 +181,7 @@ def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int 
     micro-batch (151,936 × tokens × 4 bytes).
     """
     device, P = model.device, batch["prompt_len"]
-    inputs = {k: batch[k].to(device) for k in
-              ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
     hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [n, P+T, H]
     hidden = hidden[:, P - 1:-1]                                       # position t predicts token t+1: [n, T, H]
     targets = inputs["input_ids"][:, P:]                               # [n, T]

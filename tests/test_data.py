@@ -38,7 +38,7 @@ def test_real_geo3k_rows_prepare_and_their_golds_parse(geo3k_dir):
     expected = geo3k_rows()[:8]
     for i in range(len(table)):
         example = apo.prepare_example(table[i], args, base)
-        assert example["image"].mode == "RGB" and example["image"].size[0] > 50
+        assert example["images"][0].mode == "RGB" and example["images"][0].size[0] > 50
         assert example["problem"] == expected[i]["problem"] and example["answer"] == expected[i]["answer"]
         # the right choice, boxed or in answer tags, is correct; reward.py reads the gold as a whole expression
         response = f"<think>…</think><answer>{example['answer']}</answer>"
@@ -60,7 +60,7 @@ def test_parquet_and_jsonl_with_relative_image_paths(tmp_path, monkeypatch):
         table, base = apo.load_table(args)
         examples = [apo.prepare_example(table[i], args, base) for i in range(len(table))]
         assert [e["answer"] for e in examples] == ["5", "\\frac { 1 } { 2 }"]
-        assert examples[0]["image"].size == (60, 40)
+        assert examples[0]["images"][0].size == (60, 40)
 
 
 def test_authors_json_format(tmp_path):
@@ -75,7 +75,7 @@ def test_authors_json_format(tmp_path):
     examples = [apo.prepare_example(table[i], args, base) for i in range(len(table))]
     assert [e["problem"] for e in examples] == ["How many points in the photo?"] * 2
     assert [e["answer"] for e in examples] == ["$42$", "$7$"]
-    assert examples[0]["image"].size == (30, 30)
+    assert examples[0]["images"][0].size == (30, 30)
 
 
 def test_schema_errors_are_clear(tmp_path):

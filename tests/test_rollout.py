@@ -39,11 +39,59 @@ def test_prompt_layout(tiny, prompts):
 def test_select_slices_pixels_per_sample(tiny, prompts):
     _, processor = tiny
     picked = rollout.select(prompts, [2, 0, 0])
-    slices = rollout.pixel_slices(prompts["image_grid_thw"])
-    expected = torch.cat([prompts["pixel_values"][slices[i]] for i in (2, 0, 0)])
+    sizes = [int(t * h * w) for t, h, w in prompts["image_grid_thw"]]  # patches per image, one image per sample
+    starts = [sum(sizes[:i]) for i in range(3)]
+    expected = torch.cat([prompts["pixel_values"][starts[i]:starts[i] + sizes[i]] for i in (2, 0, 0)])
     assert torch.equal(picked["pixel_values"], expected)
     assert torch.equal(picked["input_ids"], prompts["input_ids"][[2, 0, 0]])
+    assert torch.equal(picked["image_grid_thw"], prompts["image_grid_thw"][[2, 0, 0]])
     assert picked["pixel_values"].shape[0] == picked["image_grid_thw"].prod(-1).sum()
+
+
+def test_build_messages_places_tagged_images_where_their_tags_stand():
+    parts = lambda messages: [p.get("text", "IMG") for p in messages[0]["content"]]  # noqa: E731
+    assert parts(rollout.build_messages("<image>Find x.")) == ["IMG", "Find x.\n" + rollout.INSTRUCTION]
+    assert parts(rollout.build_messages("Compare <image 1> and <image 2>. Which is <image 1>?\n(A) 1 (B) 2", 2)) == [
+        "Compare ", "IMG", " and ", "IMG", ". Which is ", "image 1", "?\n(A) 1 (B) 2\n" + rollout.INSTRUCTION]
+    assert parts(rollout.build_messages("Options: <image 1>", 1)) == ["Options: ", "IMG", rollout.INSTRUCTION]
+    assert parts(rollout.build_messages("Two views.", 2)) == ["IMG", "IMG", "Two views.\n" + rollout.INSTRUCTION]
+
+
+def test_several_images_per_prompt_sample_and_score_like_one(tiny):
+    """An MMMU-like batch: prompts with 2, 1 and 3 images. `select` carries each prompt's images along, and the
+    training forward's log-probs equal those of generation, as for one image."""
+    model, processor = tiny
+    colours = ["red", "blue", "green", "white", "black", "yellow"]
+    images = [[Image.new("RGB", (56, 56), c) for c in colours[:2]], [Image.new("RGB", (84, 56), colours[2])],
+              [Image.new("RGB", (56, 28 * k), c) for k, c in zip((2, 3, 4), colours[3:])]]
+    problems = ["Is <image 1> redder than <image 2>?", "Find x.", "<image 1> <image 2> <image 3> Which is tallest?"]
+    batch = rollout.encode_prompts(processor, images, problems, 28 * 28, 112 * 112)
+    assert batch["image_counts"].tolist() == [2, 1, 3] and batch["image_grid_thw"].shape[0] == 6
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    assert (batch["input_ids"] == image_pad).sum(-1).tolist() == [sum(per_image[:2]), per_image[2], sum(per_image[3:])]
+    picked = rollout.select(batch, [2, 0])
+    assert torch.equal(picked["image_grid_thw"], batch["image_grid_thw"][[3, 4, 5, 0, 1]])
+    sizes = batch["image_grid_thw"].prod(-1).tolist()
+    first_of = [sum(sizes[:i]) for i in range(7)]
+    assert torch.equal(picked["pixel_values"], torch.cat([batch["pixel_values"][first_of[3]:first_of[6]],
+                                                         batch["pixel_values"][first_of[0]:first_of[2]]]))
+    config = rollout.generation_config(processor, 6, TEMPERATURE, 1.0)
+    config.output_logits, config.return_dict_in_generate = True, True
+    torch.manual_seed(0)
+    out = model.generate(**{k: batch[k] for k in rollout.MODEL_INPUTS}, generation_config=config)
+    sampled = out.sequences[:, batch["input_ids"].shape[1]:]
+    generation_logp = torch.stack([(logits / TEMPERATURE).log_softmax(-1).gather(-1, sampled[:, t:t + 1])[:, 0]
+                                   for t, logits in enumerate(out.logits)], 1)
+    torch.manual_seed(0)
+    rolled = rollout.sample_responses(model, processor, batch, 1, rollout.generation_config(processor, 6,
+                                                                                            TEMPERATURE, 1.0))
+    assert torch.equal(rolled["response_ids"], sampled) and rolled["image_grid_thw"].shape[0] == 6
+    logp, _ = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=2)  # [0, 1] then [2]
+    mask = rolled["response_mask"].bool()
+    assert (logp - generation_logp)[mask].abs().max().item() < 1e-5
+    grouped = rollout.sample_responses(model, processor, batch, 2, rollout.generation_config(processor, 6, 1.0, 1.0))
+    assert grouped["image_counts"].tolist() == [2, 2, 1, 1, 3, 3] and grouped["image_grid_thw"].shape[0] == 12
 
 
 def sample(model, processor, prompts, group_size=2, max_new_tokens=10, seed=0, **extra):
@@ -61,7 +109,7 @@ def test_training_forward_logprobs_equal_generation_logprobs(tiny, prompts):
     config.output_logits, config.return_dict_in_generate = True, True
     batch = rollout.select(prompts, [0, 0, 1, 1, 2, 2])
     torch.manual_seed(0)
-    out = model.generate(**batch, generation_config=config)
+    out = model.generate(**{k: batch[k] for k in rollout.MODEL_INPUTS}, generation_config=config)
     P = batch["input_ids"].shape[1]
     sampled = out.sequences[:, P:]
     generation_logp = torch.stack([(logits / TEMPERATURE).log_softmax(-1).gather(-1, sampled[:, t:t + 1])[:, 0]

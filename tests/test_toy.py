@@ -42,7 +42,7 @@ def test_the_answer_is_in_the_image_and_only_there():
         colour = max(counts, key=counts.get)
         assert counts[colour] > 0.05 * toy.IMAGE_SIZE ** 2
         assert r["answer"] == "ABCD"[list(toy.COLOURS).index(colour)]
-        assert reward.parse_gold(r["answer"]) == r["answer"]  # a letter gold, compared as a letter
+        assert reward.parse_gold(r["answer"]) == ("letter", r["answer"])  # a letter gold, compared as a letter
 
 
 def test_toy_dataset_goes_through_the_training_data_path():
@@ -50,7 +50,7 @@ def test_toy_dataset_goes_through_the_training_data_path():
     table, base = apo.load_table(args)
     assert len(table) == toy.SPLIT_SIZES["test"] and base is None
     example = apo.prepare_example(table[3], args, base)
-    assert example["image"].size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE)
+    assert example["images"][0].size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE)
     assert example["answer"] == toy.toy_rows("test", seed=0)[3]["answer"]
 
 
@@ -123,19 +123,20 @@ def test_eval_on_the_toy_reports_and_compares(tmp_path):
     report = evaluate.main(["--model", "toy", "--baseline", str(toy.starting_model()), "--data", "toy",
                             "--limit", "12", "--samples", "3", "--batch-size", "5", "--out", str(out)])
     saved = json.loads(out.read_text())
+    model, baseline = saved["models"]
+    result, responses = saved["results"][model]["toy"], saved["responses"][model]["toy"]
     for key in ("accuracy", "format_rate", "mean_response_length", "mean_response_length_correct",
                 "mean_response_length_wrong", "pass@3", "sample_accuracy"):
-        assert key in saved and key in saved["baseline"]
-    responses = saved["responses"]
-    assert len(responses) == saved["problems"] == 12 and report["accuracy"] == saved["accuracy"]
+        assert key in result and key in saved["results"][baseline]["toy"]
+    assert len(responses) == result["problems"] == 12 and report["results"] == saved["results"]
     # recomputed from the stored responses, by the reward functions themselves
-    assert saved["accuracy"] == sum(reward.accuracy_reward(r["response"], r["answer"]) for r in responses) / 12
-    assert saved["format_rate"] == sum(reward.format_reward(r["response"]) > 0 for r in responses) / 12
-    assert saved["pass@3"] >= saved["sample_accuracy"]
+    assert result["accuracy"] == sum(reward.accuracy_reward(r["response"], r["answer"]) for r in responses) / 12
+    assert result["format_rate"] == sum(reward.format_reward(r["response"]) > 0 for r in responses) / 12
+    assert result["pass@3"] >= result["sample_accuracy"]
     assert all(len(r["samples_correct"]) == 3 for r in responses)
     # the baseline is the same model by another name, answering the same prompts greedily: the same answers
-    assert [r["response"] for r in saved["baseline"]["responses"]] == [r["response"] for r in responses]
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert [r["response"] for r in saved["responses"][baseline]["toy"]] == [r["response"] for r in responses]
+    assert out.with_suffix(".png").stat().st_size > 0 and "| difference" in out.with_suffix(".md").read_text()
 
 
 def test_plot_run_draws_the_curves_of_a_run_folder(tmp_path):
@@ -144,7 +145,7 @@ def test_plot_run_draws_the_curves_of_a_run_folder(tmp_path):
              None if s < 2 else 20.0, "response_length_wrong": 22.0, "kl": 0.01 * s, "entropy": 0.3,
              "dads_weight_pos_mean": None, "stcr_mult_neg_mean": 1.0, "stcr_mult_neg_max": 1.00002} for s in range(8)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = evaluate.plot_run(tmp_path)
+    path = apo.plot_curves([tmp_path], tmp_path / "curves.png")
     assert path == tmp_path / "curves.png"
     assert Image.open(path).size[0] > 500
 
@@ -155,9 +156,11 @@ def test_eval_on_a_geo3k_layout_folder(tmp_path, tiny_model_dir, geo3k_dir):
     evaluate.main(["--model", str(tiny_model_dir), "--data", str(geo3k_dir), "--split", "test", "--device", "cpu",
                    "--max-new-tokens", "4", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["problems"] == 2 and saved["skipped_rows"] == 0 and saved["max_new_tokens"] == 4
-    assert saved["format_rate"] == 0.0  # a random model in 4 tokens: no format, and no right answer
-    assert saved["accuracy"] == 0.0 and saved["mean_response_length_correct"] is None
-    lengths = [r["length"] for r in saved["responses"]]
-    assert all(1 <= n <= 4 for n in lengths) and saved["mean_response_length_wrong"] == sum(lengths) / 2
-    assert [r["answer"] for r in saved["responses"]] == [r["answer"] for r in geo3k_rows()[8:]]
+    name = str(geo3k_dir)
+    result, responses = saved["results"][str(tiny_model_dir)][name], saved["responses"][str(tiny_model_dir)][name]
+    assert result["problems"] == 2 and saved["skipped_rows"] == {name: 0} and saved["max_new_tokens"] == 4
+    assert result["format_rate"] == 0.0  # a random model in 4 tokens: no format, and no right answer
+    assert result["accuracy"] == 0.0 and result["mean_response_length_correct"] is None
+    lengths = [r["length"] for r in responses]
+    assert all(1 <= n <= 4 for n in lengths) and result["mean_response_length_wrong"] == sum(lengths) / 2
+    assert [r["answer"] for r in responses] == [r["answer"] for r in geo3k_rows()[8:]]

@@ -1,0 +1,323 @@
+"""eval.py on the paper's five benchmarks, offline: fixture rows with the real column names and types (real question
+texts from ../shared/BENCHMARKS.md, images drawn with PIL), written as local copies in the Hub layout, then mapped
+(`benchmark_example`), scored (`score`) and evaluated end to end on the tiny model."""
+import json
+
+import datasets
+import pytest
+from PIL import Image, ImageDraw
+
+import eval as evaluate
+import reward
+from conftest import geo3k_rows
+
+Img = datasets.Image()
+S = datasets.Value("string")
+
+
+def picture(colour: str, size=(84, 56)) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).ellipse((8, 8, size[0] - 8, size[1] - 8), fill=colour)
+    return image
+
+
+MATHVISTA_HINT = "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
+MATHVISTA = [  # pid 5, 2 and 1 of testmini (BENCHMARKS.md §1); metadata trimmed to a few of its fields
+    {"pid": "5", "question": "Find $m\\angle H$", "image": "images/5.jpg", "decoded_image": picture("red"),
+     "choices": ["97", "102", "107", "122"], "unit": None, "precision": None, "answer": "97",
+     "question_type": "multi_choice", "answer_type": "text",
+     "metadata": {"category": "math-targeted-vqa", "source": "Geometry3K", "language": "english"},
+     "query": f"{MATHVISTA_HINT}\nQuestion: Find $m\\angle H$\nChoices:\n(A) 97\n(B) 102\n(C) 107\n(D) 122"},
+    {"pid": "2", "question": "what is the total volume of the measuring cup?", "image": "images/2.jpg",
+     "decoded_image": picture("blue"), "choices": None, "unit": "g", "precision": None, "answer": "1000",
+     "question_type": "free_form", "answer_type": "integer",
+     "metadata": {"category": "general-vqa", "source": "VQA-AS", "language": "english"},
+     "query": "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, "
+              "3, at the end.\nQuestion: what is the total volume of the measuring cup? (Unit: g)"},
+    {"pid": "1", "question": "When a spring does work on an object, we cannot find the work by simply multiplying "
+                             "the spring force by the object's displacement. ... What is the work?",
+     "image": "images/1.jpg", "decoded_image": picture("green"), "choices": None, "unit": None, "precision": 1.0,
+     "answer": "1.2", "question_type": "free_form", "answer_type": "float",
+     "metadata": {"category": "math-targeted-vqa", "source": "SciBench", "language": "english"},
+     "query": "Hint: Please answer the question requiring a floating-point number with one decimal place and "
+              "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.\nQuestion: ... What is the work?"},
+]
+MATHVISTA_FEATURES = datasets.Features({
+    "pid": S, "question": S, "image": S, "decoded_image": Img, "choices": datasets.Sequence(S), "unit": S,
+    "precision": datasets.Value("float64"), "answer": S, "question_type": S, "answer_type": S,
+    "metadata": {"category": S, "source": S, "language": S}, "query": S})
+
+COT = "please first conduct reasoning, and then answer the question and provide the final value, e.g., 1, 2.5, 300, " \
+      "at the end."
+MATHVERSE = [  # problem 685 in two of its versions, and a GeoQA multiple-choice problem (BENCHMARKS.md §2)
+    {"sample_index": "3422", "problem_index": "685", "problem_version": "Text Lite",
+     "question": "The radius is 3 cm. Find L.", "image": picture("gray"), "answer": "14", "question_type": "free-form",
+     "metadata": {"split": "testmini", "source": "Geo3D", "subject": "Solid Geometry"},
+     "query_wo": "Please directly answer the question and provide the final value, e.g., 1, 2.5, 300.\nQuestion: "
+                 "The radius is 3 cm. Find L.",
+     "query_cot": f"Please first conduct reasoning, and then answer the question and provide the final value, e.g., "
+                  f"1, 2.5, 300, at the end.\nQuestion: The radius is 3 cm. Find L.",
+     "question_for_eval": "The radius is 3 cm. Find L."},
+    {"sample_index": "3425", "problem_index": "685", "problem_version": "Vision Only", "question": "",
+     "image": picture("black"), "answer": "14", "question_type": "free-form",
+     "metadata": {"split": "testmini", "source": "Geo3D", "subject": "Solid Geometry"},
+     "query_wo": "According to the question shown in the image, please directly answer the question and provide the "
+                 "final value, e.g., 1, 2.5, 300.",
+     "query_cot": f"According to the question shown in the image, {COT}",
+     "question_for_eval": "The radius is 3 cm. Find L."},
+    {"sample_index": "1", "problem_index": "1", "problem_version": "Text Dominant",
+     "question": "As shown in the figure, AB ∥ CD, ... then the size of angle CED is ()\nChoices:\nA:40°\nB:60°\n"
+                 "C:120°\nD:140°", "image": picture("yellow"), "answer": "D", "question_type": "multi-choice",
+     "metadata": {"split": "testmini", "source": "GeoQA", "subject": "Plane Geometry"},
+     "query_wo": "Please directly answer the question and provide the correct option letter, e.g., A, B, C, D.",
+     "query_cot": "Please first conduct reasoning, and then answer the question and provide the correct option "
+                  "letter, e.g., A, B, C, D, at the end.\nQuestion: ... the size of angle CED is ()\nChoices:\nA:40°\n"
+                  "B:60°\nC:120°\nD:140°",
+     "question_for_eval": "... then the size of angle CED is ()"},
+]
+MATHVERSE_FEATURES = datasets.Features({
+    "sample_index": S, "problem_index": S, "problem_version": S, "question": S, "image": Img, "answer": S,
+    "question_type": S, "metadata": {"split": S, "source": S, "subject": S}, "query_wo": S, "query_cot": S,
+    "question_for_eval": S})
+
+MMK12 = [  # no verbatim test row is public (BENCHMARKS.md §3): rows in its format, options inline as "A. …"
+    {"id": "0b3f3c86-5a4e-4d43-9d1c-3f0f6a1b2c01", "image": picture("red"), "subject": "physics", "answer": "B",
+     "question": "The graph shows the velocity of a cart. What is its acceleration?\nA. 1 m/s²\nB. 2 m/s²\n"
+                 "C. 3 m/s²\nD. 4 m/s²"},
+    {"id": "7c9d1e22-8f0a-4b6e-a1c2-5d6e7f8a9b02", "image": picture("blue"), "subject": "biology", "answer": "C",
+     "question": "Which structure in the diagram makes proteins?\nA. nucleus\nB. vacuole\nC. ribosome\nD. cell wall"},
+]
+MMK12_FEATURES = datasets.Features({"id": S, "question": S, "answer": S, "subject": S, "image": Img})
+
+MMSTAR = [  # index 0 and 2 (BENCHMARKS.md §4)
+    {"index": 0, "question": "Which option describe the object relationship in the image correctly?\nOptions: A: The "
+     "suitcase is on the book., B: The suitcase is beneath the cat., C: The suitcase is beneath the bed., D: The "
+     "suitcase is beneath the book.", "image": picture("green"), "answer": "A", "category": "coarse perception",
+     "l2_category": "image scene and topic", "meta_info": {"source": "MMBench", "split": "dev", "image_path": "0.jpg"}},
+    {"index": 2, "question": "What seems to be the theme of the image?\nOptions: A: Hanging Posters, B: Music, C: Home "
+     "decoration, D: Playing guitar", "image": picture("yellow"), "answer": "D", "category": "coarse perception",
+     "l2_category": "image scene and topic",
+     "meta_info": {"source": "SEEDBench_IMG", "split": "test", "image_path": "2.jpg"}},
+]
+MMSTAR_FEATURES = datasets.Features({
+    "index": datasets.Value("int64"), "question": S, "image": Img, "answer": S, "category": S, "l2_category": S,
+    "meta_info": {"source": S, "split": S, "image_path": S}})
+
+
+def mmmu_row(id_, question, options, answer, question_type, images):
+    row = {"id": id_, "question": question, "options": str(options), "explanation": "", "img_type": "['Diagrams']",
+           "answer": answer, "topic_difficulty": "Medium", "question_type": question_type, "subfield": "Geometry"}
+    return {**row, **{f"image_{k}": images.get(k) for k in range(1, 8)}}
+
+
+MMMU = {  # validation rows (BENCHMARKS.md §5): Math_1, Math_2, Math_3 (options are images), Math_15 (open, 2 golds)
+    "Math": [
+        mmmu_row("validation_Math_1", "<image 1> Is the limit of the function as x approaches 0?", ["1", "2",
+                 "Not exist"], "C", "multiple-choice", {1: picture("red")}),
+        mmmu_row("validation_Math_2", "<image 1> How many attendants are needed?", ["1 attendant", "2 attendants",
+                 "3 attendants", "4 attendants"], "B", "multiple-choice", {1: picture("blue")}),
+        mmmu_row("validation_Math_3", "Which graph is the derivative of <image 4>?", ["<image 1>", "<image 2>",
+                 "<image 3>"], "B", "multiple-choice", {k: picture(c, (56, 56)) for k, c in
+                                                        enumerate(["red", "green", "blue", "gray"], 1)}),
+        mmmu_row("validation_Math_15", "<image 1> What is the expected waiting time?", [], "['24/7', '3.429']",
+                 "open", {1: picture("black")}),
+    ],
+    "Chemistry": [
+        mmmu_row("validation_Chemistry_30", "<image 1> Name the compound.", [], "['$MgS$', 'MgS']", "open",
+                 {1: picture("yellow")}),
+    ],
+}
+MMMU_FEATURES = datasets.Features({
+    "id": S, "question": S, "options": S, "explanation": S, **{f"image_{k}": Img for k in range(1, 8)},
+    "img_type": S, "answer": S, "topic_difficulty": S, "question_type": S, "subfield": S})
+
+
+def hub_folder(folder, configs: dict, features, split: str):
+    """A local folder in the layout of a Hub dataset repo: one parquet per config and split, and a README whose
+    `configs` YAML declares them, as the Hub repos of MathVerse, MMStar and MMMU do."""
+    folder.mkdir(parents=True)
+    yaml = ["---", "configs:"]
+    for config, rows in configs.items():
+        (folder / config).mkdir()
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / config / f"{split}.parquet"))
+        yaml += [f"- config_name: {config}", "  data_files:", f"  - split: {split}", f"    path: {config}/{split}-*"]
+        (folder / config / f"{split}.parquet").rename(folder / config / f"{split}-00000-of-00001.parquet")
+    (folder / "README.md").write_text("\n".join(yaml + ["---", ""]))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_copies(tmp_path_factory):
+    """Each benchmark as a local copy, laid out as on the Hub (MathVista and MMK12 as one parquet file each)."""
+    root = tmp_path_factory.mktemp("benchmarks")
+    datasets.Dataset.from_list(MATHVISTA, features=MATHVISTA_FEATURES).to_parquet(str(root / "mathvista.parquet"))
+    datasets.Dataset.from_list(MMK12, features=MMK12_FEATURES).to_parquet(str(root / "mmk12.parquet"))
+    return {"mathvista": root / "mathvista.parquet", "mmk12": root / "mmk12.parquet",
+            "mathverse": hub_folder(root / "MathVerse", {"testmini": MATHVERSE}, MATHVERSE_FEATURES, "testmini"),
+            "mmstar": hub_folder(root / "MMStar", {"val": MMSTAR}, MMSTAR_FEATURES, "val"),
+            "mmmu": hub_folder(root / "MMMU", MMMU, MMMU_FEATURES, "validation")}
+
+
+def examples_of(name, local_copies):
+    import apo
+    examples, skipped = evaluate.load_examples(name, str(local_copies[name]), apo.Args())
+    assert skipped == 0
+    return examples
+
+
+# --- rows -> examples ---------------------------------------------------------------------------------------------
+def test_mathvista_rows(local_copies):
+    mc, integer, decimal = examples_of("mathvista", local_copies)
+    assert (mc["answer"], mc["kind"], mc["choices"]) == ("A", "letter", ["97", "102", "107", "122"])  # 97 is choice A
+    assert mc["problem"] == MATHVISTA[0]["query"] and len(mc["images"]) == 1 and mc["images"][0].mode == "RGB"
+    assert mc["groups"] == {"question_type": "multi_choice", "answer_type": "text"}
+    assert (integer["answer"], integer["kind"], integer["precision"], integer["unit"]) == ("1000", "number", 0, "g")
+    assert (decimal["answer"], decimal["kind"], decimal["precision"]) == ("1.2", "number", 1)
+
+
+def test_mathverse_rows(local_copies):
+    lite, vision_only, choice = examples_of("mathverse", local_copies)
+    assert lite["problem"] == MATHVERSE[0]["query_cot"] and lite["kind"] == "math" and lite["answer"] == "14"
+    assert vision_only["problem"].startswith("According to the question shown in the image")  # text in the image
+    assert vision_only["groups"] == {"problem_version": "Vision Only"}
+    assert (choice["kind"], choice["answer"], choice["choices"]) == ("letter", "D", ["40°", "60°", "120°", "140°"])
+
+
+def test_mmk12_and_mmstar_rows(local_copies):
+    physics, biology = examples_of("mmk12", local_copies)
+    assert physics["choices"] == ["1 m/s²", "2 m/s²", "3 m/s²", "4 m/s²"] and physics["groups"] == {"subject": "physics"}
+    assert biology["answer"] == "C" and biology["choices"][2] == "ribosome"
+    relation, theme = examples_of("mmstar", local_copies)
+    assert relation["choices"] == ["The suitcase is on the book.", "The suitcase is beneath the cat.",
+                                   "The suitcase is beneath the bed.", "The suitcase is beneath the book."]
+    assert theme["choices"] == ["Hanging Posters", "Music", "Home decoration", "Playing guitar"]
+    assert (theme["answer"], theme["kind"], theme["groups"]) == ("D", "letter", {"category": "coarse perception"})
+
+
+def test_mmmu_rows_carry_every_referenced_image_in_order(local_copies):
+    by_id = {e["problem"].split("?")[0]: e for e in examples_of("mmmu", local_copies)}
+    assert len(by_id) == 5  # both subject configs of the local copy
+    derivative = by_id["Which graph is the derivative of <image 4>"]
+    # the question names image 4 first, then the options images 1, 2, 3: four images in that order
+    colours = [im.getpixel((28, 28)) for im in derivative["images"]]
+    assert colours == [(128, 128, 128), (255, 0, 0), (0, 128, 0), (0, 0, 255)]
+    assert derivative["problem"].endswith("\n(A) <image 1>\n(B) <image 2>\n(C) <image 3>")
+    assert (derivative["answer"], derivative["kind"]) == ("B", "letter")
+    waiting = by_id["<image 1> What is the expected waiting time"]
+    assert (waiting["kind"], waiting["answer"], waiting["choices"]) == ("math", ["24/7", "3.429"], None)
+    assert waiting["groups"] == {"subject": "Math"} and len(waiting["images"]) == 1
+
+
+def test_a_row_that_cannot_be_used_is_skipped_and_counted(tmp_path):
+    import apo
+    rows = [dict(MATHVISTA[0], answer="96"), dict(MATHVISTA[1], decoded_image=None), MATHVISTA[2]]
+    path = tmp_path / "mathvista.parquet"
+    datasets.Dataset.from_list(rows, features=MATHVISTA_FEATURES).to_parquet(str(path))
+    examples, skipped = evaluate.load_examples("mathvista", str(path), apo.Args())
+    assert skipped == 2 and [e["answer"] for e in examples] == ["1.2"]
+
+
+# --- score ------------------------------------------------------------------------------------------------------
+def R(answer):
+    return f"<think>Reading the figure.</think><answer>{answer}</answer>"
+
+
+LETTER = {"kind": "letter", "answer": "B", "choices": ["The suitcase is on the book.",
+                                                        "The suitcase is beneath the cat.", "97", r"\frac{1}{2}"]}
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("B", 1.0), ("(B)", 1.0), ("B.", 1.0), ("B: The suitcase is beneath the cat.", 1.0), ("(B) beneath the cat", 1.0),
+    (r"\text{B}", 1.0), ("**B**", 1.0), ("The answer is B", 1.0), (r"\boxed{B}", 1.0),
+    ("A", 0.0), ("(A) The suitcase is beneath the cat.", 0.0),  # a letter given: the letter counts
+    ("The suitcase is beneath the cat.", 1.0), ("the suitcase is beneath the cat", 1.0),  # the option's text
+    ("The suitcase is on the book.", 0.0), ("beneath", 0.0), ("", 0.0),
+])
+def test_score_multiple_choice(answer, expected):
+    assert evaluate.score(LETTER, R(answer)) == expected
+
+
+def test_score_multiple_choice_by_an_option_value():
+    example = dict(LETTER, answer="C")
+    assert evaluate.score(example, R("97")) == 1.0 and evaluate.score(example, R("97°")) == 1.0
+    assert evaluate.score(dict(LETTER, answer="D"), R("0.5")) == 1.0  # math-equal to the option \frac{1}{2}
+    assert evaluate.score(example, R("102")) == 0.0
+
+
+@pytest.mark.parametrize("example, answer, expected", [
+    ({"answer": "1.2", "precision": 1}, "1.2", 1.0), ({"answer": "1.2", "precision": 1}, "1.20", 1.0),
+    ({"answer": "1.2", "precision": 1}, r"\frac{6}{5}", 1.0), ({"answer": "1.2", "precision": 1}, "1.24", 1.0),
+    ({"answer": "1.2", "precision": 1}, "1.26", 0.0), ({"answer": "1.2", "precision": 1}, "12", 0.0),
+    ({"answer": "1.25", "precision": 2}, "1.25 J", 1.0), ({"answer": "1.25", "precision": 2}, "1.2", 0.0),
+    ({"answer": "1000", "precision": 0, "unit": "g"}, "1000", 1.0),
+    ({"answer": "1000", "precision": 0, "unit": "g"}, "1000 g", 1.0),
+    ({"answer": "1000", "precision": 0, "unit": "g"}, "1,000", 1.0),
+    ({"answer": "1000", "precision": 0, "unit": "g"}, "999", 0.0),
+    ({"answer": "1000", "precision": 0, "unit": "g"}, "x", 0.0),
+])
+def test_score_numbers(example, answer, expected):
+    example = {"kind": "number", "choices": None, "unit": None, **example}
+    assert evaluate.score(example, R(answer)) == expected
+
+
+@pytest.mark.parametrize("gold, answer, expected", [
+    (["24/7", "3.429"], "24/7", 1.0), (["24/7", "3.429"], "3.429", 1.0), (["24/7", "3.429"], r"\frac{24}{7}", 1.0),
+    (["24/7", "3.429"], "3.43", 0.0), (["$MgS$", "MgS"], "MgS", 1.0), (["$MgS$", "MgS"], "MgO", 0.0),
+    ("14", "14", 1.0), ("14", "14 cm", 1.0), ("14", "15", 0.0), ("2191.7 metres", "2191.7", 1.0),
+    ("trans-1-Chloro-4-methylcyclohexane", "trans-1-chloro-4-methylcyclohexane", 1.0),
+    ("trans-1-Chloro-4-methylcyclohexane", "cis-1-chloro-4-methylcyclohexane", 0.0),
+    ("Tampa", "tampa", 1.0), ("Tampa", "pamta", 0.0),  # words are text, never a product of symbols (an anagram)
+])
+def test_score_free_form(gold, answer, expected):
+    assert evaluate.score({"kind": "math", "answer": gold, "choices": None}, R(answer)) == expected
+
+
+def test_score_needs_an_answer_and_never_raises():
+    example = {"kind": "math", "answer": "14", "choices": None}
+    assert evaluate.score(example, "The length is 14.") == 0.0  # no tags, no box: no random guess, no judge
+    assert evaluate.score(example, r"So L = \boxed{14}.") == 1.0  # the last box, as in training
+    assert evaluate.score({"kind": "letter", "answer": "B", "choices": None}, None) == 0.0
+    assert evaluate.score({"kind": "number"}, R("3")) == 0.0  # a malformed example: 0, not an exception
+
+
+def test_training_format_scores_as_the_training_reward():
+    import apo
+    rows = geo3k_rows()
+    cfg = apo.Args()
+    for row in rows:
+        example = evaluate.training_example(row, cfg, None)
+        for choice in json.loads((evaluate.Path(__file__).resolve().parents[2] / "shared" / "geo3k_sample" /
+                                  str(row["id"]) / "data.json").read_text())["choices"]:
+            assert evaluate.score(example, R(choice)) == reward.accuracy_reward(R(choice), row["answer"])
+
+
+# --- end to end -------------------------------------------------------------------------------------------------
+def test_eval_all_benchmarks_end_to_end(tmp_path, tiny_model_dir, geo3k_dir, local_copies):
+    out = tmp_path / "table1.json"
+    report = evaluate.main([
+        "--model", str(tiny_model_dir), "--baseline", str(tiny_model_dir) + "/",  # the same model, another name
+        "--bench", "all", *[f"--data={name}={path}" for name, path in local_copies.items()],
+        f"--data=geo3k={geo3k_dir}", "--device", "cpu", "--max-new-tokens", "4", "--limit", "3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmarks"] == list(evaluate.BENCHMARKS) and saved["max_new_tokens"] == 4
+    models = saved["models"]
+    for bench, n in {"mathvista": 3, "mathverse": 3, "mmk12": 2, "mmstar": 2, "mmmu": 3, "geo3k": 2}.items():
+        for model in models:
+            result, records = saved["results"][model][bench], saved["responses"][model][bench]
+            assert result["problems"] == len(records) == n
+            # recomputed from the stored responses by `score` itself
+            assert result["accuracy"] == sum(r["correct"] for r in records) / n
+    # the baseline is the same model by another name, answering the same prompts greedily: the same answers
+    first, second = (saved["responses"][m] for m in models)
+    assert all([r["response"] for r in first[b]] == [r["response"] for r in second[b]] for b in first)
+    table = out.with_suffix(".md").read_text()
+    assert "| Qwen2.5-VL-3B (paper)" in table and "57.8" in table and "48.9" in table and "difference" in table
+    assert "MathVerse" in table and "geometry3k" in table
+    assert saved["results"][models[0]]["mathverse"]["breakdown"]["problem_version"]["Vision Only"]["problems"] == 1
+    assert saved["results"][models[0]]["mmstar"]["breakdown"]["category"]["coarse perception"]["problems"] == 2
+    assert out.with_suffix(".png").stat().st_size > 0 and report["results"] == saved["results"]
+
+
+def test_unknown_benchmark_is_a_clear_error():
+    with pytest.raises(SystemExit):
+        evaluate.main(["--bench", "mathvision"])
