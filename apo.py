@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import parallel
 import reward
 import rollout
 
@@ -154,6 +155,9 @@ class Args:
     """prompts per step whose responses go to samples.jsonl"""
     preset: str = ""
     """'authors': the authors' schedule where one GPU allows (APO_SPEC §8); explicit flags still win"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and Adam moments over the processes (FSDP2), for models that do not
+    fit one GPU (a 7B with its Adam moments: ~83 GB); without it, each process holds a whole replica"""
 
 
 PRESETS = {
@@ -400,11 +404,11 @@ def apo_loss(logp, old_logp, ref_logp, advantages, kl_weights, mask, kl_beta=1e-
 
 
 # ---------------------------------------------------------------------------------------------------- update, §8
-def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """fp32 -> bf16, rounding up or down at random with probabilities that make the result unbiased: E[out] = x.
     bf16 keeps the top 16 bits of an fp32; adding uniform noise to the 16 bits dropped before truncating does it."""
     bits = x.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
 
 
@@ -420,15 +424,22 @@ class AdamW(torch.optim.Optimizer):
 
     The update runs on slices of `slice_size` weights: its fp32 temporaries (gradient, denominator, weight, and the
     rounding's noise) take ~24 bytes per weight of a slice, 0.4 GiB, where a whole 151,936 × 2048 embedding would
-    take 7 GiB at the moment memory is fullest (weights, moments and gradients all resident)."""
+    take 7 GiB at the moment memory is fullest (weights, moments and gradients all resident).
+
+    The rounding draws from a generator of its own, seeded alike on every rank: data-parallel replicas then round
+    alike and stay bit-identical (drawn from each rank's sampling stream, they drifted apart after one bf16 update).
+    Under FSDP2 the weights are DTensors: the math runs on each rank's local shard."""
 
     slice_size = 1 << 24
 
-    def __init__(self, params, lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        device = self.param_groups[0]["params"][0].device
+        self.generator = torch.Generator(device).manual_seed(seed)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # (closure: torch.distributed.checkpoint calls step(closure=None) to build state)
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (a DTensor's shard)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -440,15 +451,15 @@ class AdamW(torch.optim.Optimizer):
                                  exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
                 state["step"] += 1
                 t = state["step"]
-                slices = (x.view(-1).split(self.slice_size) for x in (p, state["exp_avg"], state["exp_avg_sq"]))
-                for w, m, v, grad in zip(*slices, p.grad.reshape(-1).split(self.slice_size)):
+                slices = (local(x).view(-1).split(self.slice_size) for x in (p, state["exp_avg"], state["exp_avg_sq"]))
+                for w, m, v, grad in zip(*slices, local(p.grad).reshape(-1).split(self.slice_size)):
                     grad = grad.float()
                     m.lerp_(grad, 1 - beta1)                                 # m_t = β1·m + (1 − β1)·g
                     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)      # v_t = β2·v + (1 − β2)·g²
                     denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)  # √v̂ + ε, v̂ = v_t / (1 − β2^t)
                     weight = w.float().mul_(1 - lr * wd)                     # decoupled decay: w ← w·(1 − lr·λ)
                     weight.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # w ← w − lr·m̂/(√v̂ + ε)
-                    w.copy_(stochastic_round_to_bf16(weight) if w.dtype == torch.bfloat16 else weight)
+                    w.copy_(stochastic_round_to_bf16(weight, self.generator) if w.dtype == torch.bfloat16 else weight)
 
 
 def cosine_schedule(step: int, total: int, warmup_ratio: float, lr: float, min_lr: float) -> float:
@@ -460,45 +471,59 @@ def cosine_schedule(step: int, total: int, warmup_ratio: float, lr: float, min_l
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def minibatch_gradients(model, batch: dict, rows: list, args: Args) -> dict:
+    """Backward of the loss over the responses `rows` of a rollout batch, in micro-batches of args.micro_batch_size:
+    the gradients accumulate in the parameters' .grad. Returns the loss and its terms, each a float.
+
+    Many GPUs: `rows` are this rank's share of the mini-batch. The loss divides by the token and sequence counts of
+    the whole mini-batch, summed over ranks, and the gradients are then summed over ranks: the gradient is exactly
+    that of one process on all the responses (so are the terms returned)."""
+    device = model.device
+    token_total, seq_total = parallel.total([batch["response_mask"][rows].sum().item(), len(rows)])
+    sums = dict.fromkeys(("loss", "pg_loss", "kl_loss", "kl", "clip_fraction", "entropy"), 0.0)
+    for start in range(0, len(rows), args.micro_batch_size):
+        micro = rollout.select(batch, rows[start:start + args.micro_batch_size])
+        logp, entropy = rollout.response_logprobs(model, micro, args.temperature, args.logprob_chunk)  # [n, T]
+        mask = micro["response_mask"].to(device)
+        old_logp = micro["old_logp"].to(device) if "old_logp" in micro else logp.detach()
+        ref_logp = micro["ref_logp"].to(device) if micro.get("ref_logp") is not None else logp.detach()
+        loss, stats = apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
+                               micro["kl_weights"].to(device), mask, args.kl_beta, args.clip_eps, args.loss_agg,
+                               token_total, seq_total)
+        loss.backward()
+        share = mask.sum().item() / token_total  # this micro-batch's share of the mini-batch's tokens
+        sums["loss"] += loss.item()
+        for k in ("pg_loss", "kl_loss", "kl"):
+            sums[k] += stats[k].item()
+        sums["clip_fraction"] += stats["clip_fraction"].item() * share
+        sums["entropy"] += (entropy * mask).sum().item() / token_total
+    parallel.sync_gradients(model)
+    return dict(zip(sums, parallel.total(list(sums.values()))))
+
+
 def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
     """One pass over a rollout's B·G responses (APO_SPEC §8): shuffled mini-batches of `args.mini_batch_size`
-    responses, one optimizer step each at learning rate lrs[i], gradients accumulated over micro-batches.
+    responses, one optimizer step each at learning rate lrs[i] (on many GPUs, each rank holds 1/W of each).
 
     `batch` is a rollout batch (rollout.py) plus advantages and kl_weights [N], ref_logp [N, T] (None without a
     reference), and old_logp [N, T] unless there is a single mini-batch: then ℓ_old is ℓ_θ itself (detached), the
     ratio is 1 and the clip never binds, which is exact on-policy GRPO and saves a forward pass.
     Returns the stats averaged over the mini-batches, and `finite`: per optimizer step, whether it was taken. A step
     with a non-finite loss or gradient norm is skipped: it would poison the weights and the Adam moments."""
-    device, N = model.device, batch["input_ids"].shape[0]
-    n_updates = len(lrs)
+    N, per_rank, n_updates = batch["input_ids"].shape[0], args.mini_batch_size // parallel.world(), len(lrs)
     order = torch.randperm(N).tolist()
     sums = {"pg_loss": 0.0, "kl_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0,
             "finite": []}
-    for lr, start in zip(lrs, range(0, N, args.mini_batch_size)):
-        rows = order[start:start + args.mini_batch_size]
-        token_total = batch["response_mask"][rows].sum().item()
+    for lr, start in zip(lrs, range(0, N, per_rank)):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, entropy_sum = 0.0, 0.0
-        for micro_start in range(0, len(rows), args.micro_batch_size):
-            micro = rollout.select(batch, rows[micro_start:micro_start + args.micro_batch_size])
-            logp, entropy = rollout.response_logprobs(model, micro, args.temperature, args.logprob_chunk)  # [n, T]
-            mask = micro["response_mask"].to(device)
-            old_logp = micro["old_logp"].to(device) if "old_logp" in micro else logp.detach()
-            ref_logp = micro["ref_logp"].to(device) if micro.get("ref_logp") is not None else logp.detach()
-            loss, stats = apo_loss(logp, old_logp, ref_logp, micro["advantages"].to(device),
-                                   micro["kl_weights"].to(device), mask, args.kl_beta, args.clip_eps, args.loss_agg,
-                                   token_total, len(rows))
-            loss.backward()
-            loss_sum += loss.item()
-            share = mask.sum().item() / token_total  # this micro-batch's share of the mini-batch's tokens
-            for k in ("pg_loss", "kl_loss", "kl"):
-                sums[k] += stats[k].item() / n_updates
-            sums["clip_fraction"] += stats["clip_fraction"].item() * share / n_updates
-            entropy_sum += (entropy * mask).sum().item()
-        sums["entropy"] += entropy_sum / token_total / n_updates
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        stats = minibatch_gradients(model, batch, order[start:start + per_rank], args)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        for k in ("pg_loss", "kl_loss", "kl", "clip_fraction", "entropy"):
+            sums[k] += stats[k] / n_updates
         sums["grad_norm"] += grad_norm / n_updates
-        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        # Both are global values, the same on every rank: all ranks take the step, or none.
+        finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
         if finite:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -541,24 +566,41 @@ def load_model(name: str, dtype, device, trust_remote_code: bool = False):
     return model, processor
 
 
-def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict | None, keep_last: int = 0):
+def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict | None = None, optimizer=None,
+                    keep_last: int = 0):
     """Write `out/name` atomically: everything goes to a hidden folder that is renamed into place only when complete,
-    so a kill during the save leaves the previous checkpoint whole. Keeps the last `keep_last` checkpoint-* folders."""
-    tmp, final = out / f".tmp-{name}", out / name
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        # the loop's counters, readable without loading the optimizer: which folder is latest, and for people
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state["state"], indent=1))
-    if final.exists():  # only final/ is ever rewritten: move the old one aside first, drop it once the new one is in
-        os.replace(final, out / f".old-{name}")
-    os.replace(tmp, final)
-    shutil.rmtree(out / f".old-{name}", ignore_errors=True)
-    if keep_last:
-        for old in sorted(out.glob("checkpoint-*"))[:-keep_last]:
-            shutil.rmtree(old)
+    so a kill during the save leaves the previous checkpoint whole. Keeps the last `keep_last` checkpoint-* folders.
+
+    Many GPUs: every rank calls it and rank 0 writes, except that under FSDP2 each rank writes its shards of the
+    weights and Adam moments (sharded/, torch.distributed.checkpoint), and final/ also gets the whole weights."""
+    tmp, final, main, sharded = out / f".tmp-{name}", out / name, parallel.is_main(), parallel.is_sharded(model)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parallel.barrier()
+    weights = None
+    if sharded:
+        parallel.save_sharded(model, optimizer, tmp / "sharded")
+        weights = parallel.full_state_dict(model) if name == "final" else None  # on rank 0
+    if main:
+        if not sharded or weights is not None:
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tmp)  # the weights are in sharded/
+        processor.save_pretrained(tmp)
+        if trainer_state is not None:
+            if optimizer is not None and not sharded:
+                trainer_state = {**trainer_state, "optimizer": optimizer.state_dict()}
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            # the loop's counters, readable without loading the optimizer: which folder is latest, and for people
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state["state"], indent=1))
+        if final.exists():  # only final/ is ever rewritten: move the old one aside, drop it once the new one is in
+            os.replace(final, out / f".old-{name}")
+        os.replace(tmp, final)
+        shutil.rmtree(out / f".old-{name}", ignore_errors=True)
+        if keep_last:
+            for old in sorted(out.glob("checkpoint-*"))[:-keep_last]:
+                shutil.rmtree(old)
+    parallel.barrier()
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -568,16 +610,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found, key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"], default=None)
 
 
-def rng_state() -> dict:
+def rng_state(optimizer) -> dict:
+    """This process's random streams: sampling (python, torch, CUDA) and the optimizer's rounding."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rounding": optimizer.generator.get_state()}
 
 
-def set_rng_state(state: dict):
+def set_rng_state(state: dict, optimizer):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "rounding" in state:
+        optimizer.generator.set_state(state["rounding"])
 
 
 # ------------------------------------------------------------------------------------------------------- logging
@@ -603,22 +649,27 @@ def held_out_examples(args: Args, processor) -> list:
             examples.append(usable_example(table[index], held_out, base, processor))
         except (BadRow, OSError):
             skipped += 1
-    print(f"held-out evaluation: {len(examples)} problems of {held_out.data} ({held_out.split}; {skipped} bad rows "
-          f"skipped), at step 0, every {args.eval_every} steps and at the end")
+    if parallel.is_main():
+        print(f"held-out evaluation: {len(examples)} problems of {held_out.data} ({held_out.split}; {skipped} bad "
+              f"rows skipped), at step 0, every {args.eval_every} steps and at the end")
     return examples
 
 
 def evaluate(model, processor, examples: list, args: Args) -> dict:
-    """Greedy answers to held-out problems, with the training prompt and rewards: accuracy, format rate, length."""
+    """Greedy answers to held-out problems, with the training prompt and rewards: accuracy, format rate, length.
+    (Many GPUs: each rank answers its share, and the counts are summed.)"""
     greedy = rollout.generation_config(processor, args.max_new_tokens, 1.0, 1.0, do_sample=False)
     batch = args.generation_batch_size or args.prompts_per_step * args.group_size  # as much as a rollout holds
-    answers = rollout.answer(model, processor, examples, greedy, batch, args.min_pixels, args.max_pixels)
+    mine = parallel.share(examples)
+    with parallel.full_weights(model):
+        answers = rollout.answer(model, processor, mine, greedy, batch, args.min_pixels, args.max_pixels)
     texts = [a["texts"][0] for a in answers]
-    n = len(examples)
-    return {"accuracy": sum(reward.accuracy_reward(t, e["answer"]) for t, e in zip(texts, examples)) / n,
-            "format_rate": sum(reward.format_reward(t) > 0 for t in texts) / n,
-            "response_length": sum(a["lengths"][0] for a in answers) / n,
-            "truncated_rate": sum(a["truncated"][0] for a in answers) / n, "problems": n}
+    correct, formatted, length, truncated, n = parallel.total([
+        sum(reward.accuracy_reward(t, e["answer"]) for t, e in zip(texts, mine)),
+        sum(reward.format_reward(t) > 0 for t in texts), sum(a["lengths"][0] for a in answers),
+        sum(a["truncated"][0] for a in answers), len(mine)])
+    return {"accuracy": correct / n, "format_rate": formatted / n, "response_length": length / n,
+            "truncated_rate": truncated / n, "problems": int(n)}
 
 
 CURVES = [  # panel title, then (log, key, label) drawn in it: log 'metrics' is per step, 'eval' per evaluation
@@ -672,20 +723,29 @@ def plot_curves(run_dirs: list, path: Path, smooth: int = 10) -> Path:
 
 # ------------------------------------------------------------------------------------------------- training loop
 def train(args: Args) -> Path:
-    """Run APO as configured; returns the run folder."""
+    """Run APO as configured; returns the run folder. Under torchrun every process runs this, each on its share of
+    the step's prompts; the calls to `parallel` are where they meet (each a no-op in a single process)."""
     from tqdm import tqdm
 
     out = Path(args.out)
     device, dtype = resolve_device(args)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    rank, world, device = parallel.init(str(device))
+    device, main = torch.device(device), parallel.is_main()  # rank 0 alone writes files and prints
+    random.seed(args.seed + rank)  # sampling differs per rank; rank 0 samples as a single process does
+    torch.manual_seed(args.seed + rank)
+    if args.prompts_per_step % world or args.mini_batch_size % world:
+        sys.exit(f"--prompts-per-step ({args.prompts_per_step}) and --mini-batch-size ({args.mini_batch_size}) must "
+                 f"divide by the number of processes ({world})")
     if out.exists() and any(out.glob("*.jsonl")) and not args.resume:
         sys.exit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         sys.exit(f"--resume: no checkpoint found in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if resume_from and (resume_from / "sharded").exists() != args.fsdp:
+        sys.exit(f"{resume_from} was saved {'with' if args.fsdp else 'without'} --fsdp: resume the same way")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({**dataclasses.asdict(args), "world_size": world}, indent=2))
 
     # data
     table, base = load_table(args)
@@ -695,8 +755,8 @@ def train(args: Args) -> Path:
     on_policy = minibatches_per_step == 1  # one optimizer step per rollout: ℓ_old = ℓ_θ, no separate pass needed
 
     # models: the policy, and the frozen reference it is kept close to (APO_SPEC §6)
-    model, processor = load_model(str(resume_from or args.model), dtype, device,
-                                  args.trust_remote_code)
+    model, processor = load_model(str(resume_from if resume_from and not args.fsdp else args.model), dtype, device,
+                                  args.trust_remote_code)  # (--fsdp: the weights come from sharded/ below)
     reference = None
     if args.kl_beta > 0:  # always the starting model, also when resuming
         reference, _ = load_model(args.model, dtype, device, args.trust_remote_code)
@@ -704,7 +764,10 @@ def train(args: Args) -> Path:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = AdamW(model.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    if args.fsdp:
+        parallel.shard(model)
+    optimizer = AdamW(model.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay,
+                      seed=args.seed)
     total_updates = steps * minibatches_per_step
     lr_at = lambda update: cosine_schedule(update, total_updates, args.warmup_ratio, args.lr, args.min_lr)  # noqa
     gen_config = rollout.generation_config(processor, args.max_new_tokens, args.temperature, args.top_p)
@@ -714,25 +777,35 @@ def train(args: Args) -> Path:
     if args.resume:
         # weights_only: the state holds tensors and plain data, so no pickled code can run on loading
         saved = torch.load(resume_from / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
+        rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one per process
+        if len(rngs) != world:
+            sys.exit(f"{resume_from} was saved by {len(rngs)} process(es): resume with as many")
+        if args.fsdp:
+            parallel.load_sharded(model, optimizer, resume_from / "sharded")
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(rngs[rank], optimizer)
         state = saved["state"]
         # Drop what was logged after that checkpoint: it is redone. A step's metrics and samples are logged during
         # the step, an evaluation at step s after s steps (step 0: before any).
         for name, kept in (("metrics", range(state["step"])), ("samples", range(state["step"])),
                            ("eval", range(state["step"] + 1))):
             path = out / f"{name}.jsonl"
-            if path.exists():
+            if main and path.exists():
                 lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] in kept]
                 path.write_text("".join(l + "\n" for l in lines))
-        print(f"resumed from {resume_from} at step {state['step']}")
+        parallel.barrier()
+        if main:
+            print(f"resumed from {resume_from} at step {state['step']}")
         if state["step"] >= steps:
-            print(f"{out} has done {state['step']} steps already: nothing to do (a larger --steps extends it)")
+            if main:
+                print(f"{out} has done {state['step']} steps already: nothing to do (a larger --steps extends it)")
             return out
         if state.get("steps", steps) != steps:  # an extended run: the schedule is that of a run of `steps` steps
-            print(f"the run was planned for {state['steps']} steps, now {steps}: the learning rate follows the "
-                  f"{steps}-step schedule from here on ({lr_at(state['updates'] - 1):.3g} -> "
-                  f"{lr_at(state['updates']):.3g})")
+            if main:
+                print(f"the run was planned for {state['steps']} steps, now {steps}: the learning rate follows the "
+                      f"{steps}-step schedule from here on ({lr_at(state['updates'] - 1):.3g} -> "
+                      f"{lr_at(state['updates']):.3g})")
             state["steps"] = steps
     seen_bad = set()
     held_out = held_out_examples(args, processor)
@@ -745,20 +818,22 @@ def train(args: Args) -> Path:
             timer = time.perf_counter()
             result = {"step": done, **evaluate(model, processor, held_out, args),
                       "seconds": time.perf_counter() - timer}
-            with open(out / "eval.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
             evaluated.add(done)
-            tqdm.write(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format {result['format_rate']:.3f} "
-                       f"({result['problems']} problems, {result['seconds']:.1f} s)")
+            if main:
+                with open(out / "eval.jsonl", "a") as f:
+                    f.write(json.dumps(result) + "\n")
+                tqdm.write(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format "
+                           f"{result['format_rate']:.3f} ({result['problems']} problems, {result['seconds']:.1f} s)")
 
     def checkpoint(name: str, keep_last: int = args.keep_last):
-        save_checkpoint(out, name, model, processor, {"optimizer": optimizer.state_dict(), "rng": rng_state(),
-                                                      "state": dict(state), "args": dataclasses.asdict(args)},
-                        keep_last)
-        plot_curves([out], out / "curves.png")  # redrawn at each checkpoint and at the end
+        trainer_state = {"rng": parallel.gather_objects(rng_state(optimizer)), "state": dict(state),
+                         "args": dataclasses.asdict(args)}
+        save_checkpoint(out, name, model, processor, trainer_state, optimizer, keep_last)
+        if main:
+            plot_curves([out], out / "curves.png")  # redrawn at each checkpoint and at the end
 
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc="APO" if args.dads or args.stcr
-               else "GRPO", dynamic_ncols=True)
+               else "GRPO", dynamic_ncols=True, disable=not main)
     evaluate_after(state["step"])
     for step in bar:
         timer = time.perf_counter()
@@ -773,17 +848,19 @@ def train(args: Args) -> Path:
             except (BadRow, OSError) as err:
                 state["bad_rows"] += 1
                 skipped_here += 1
-                if index not in seen_bad:
+                if main and index not in seen_bad:
                     seen_bad.add(index)
                     tqdm.write(f"skipping row {index}: {err}")
                 if skipped_here > len(table):
                     sys.exit(f"no usable row in a whole pass over {args.data}: check the data")
+        examples = parallel.share(examples)  # many GPUs: every rank chose the same B rows; it keeps its B/W of them
         prompts = rollout.encode_prompts(processor, [e["images"] for e in examples],
                                          [e["problem"] for e in examples], args.min_pixels, args.max_pixels)
 
         # --- rollout: G responses per prompt (rollout.py)
-        batch = rollout.sample_responses(model, processor, prompts, args.group_size, gen_config,
-                                         args.generation_batch_size)
+        with parallel.full_weights(model):  # --fsdp: the whole weights on every rank, gathered once for the rollout
+            batch = rollout.sample_responses(model, processor, prompts, args.group_size, gen_config,
+                                             args.generation_batch_size)
         t_rollout = time.perf_counter() - timer
 
         # --- reward (APO_SPEC §1): r_i = acc_i + fmt_i
@@ -791,7 +868,7 @@ def train(args: Args) -> Path:
         answers = [e["answer"] for e in examples for _ in range(args.group_size)]
         accuracy = torch.tensor([reward.accuracy_reward(t, a) for t, a in zip(batch["texts"], answers)])
         fmt = torch.tensor([reward.format_reward(t) for t in batch["texts"]])
-        B, G = args.prompts_per_step, args.group_size
+        B, G = len(examples), args.group_size
         rewards = (accuracy + fmt).view(B, G)                                                     # r, [B, G]
         correct, lengths = (accuracy > 0).view(B, G), batch["lengths"].view(B, G)                 # acc, |o|, [B, G]
         t_reward = time.perf_counter() - timer
@@ -823,32 +900,38 @@ def train(args: Args) -> Path:
         t_update = time.perf_counter() - timer
         state["step"] = step + 1
 
-        # --- logging: one JSON line per step (metrics.jsonl) and a few full samples (samples.jsonl)
-        lengths_f, acc_f, wrong = lengths.float(), correct.flatten(), ~correct.flatten()
-        positive, negative = advantages.flatten() > 0, wrong
+        # --- logging: one JSON line per step (metrics.jsonl) and a few full samples (samples.jsonl). The metrics
+        # are over all B·G responses of the step: every rank's, gathered in prompt order (means of per-rank means
+        # would be wrong for the conditional ones).
+        rewards_all, accuracy_all, fmt_all, lengths_all, advantages_all, stcr_all, kl_weights_all, truncated_all = \
+            parallel.gather(torch.stack([rewards.flatten(), accuracy, fmt, lengths.flatten().float(),
+                                         advantages.flatten(), stcr.flatten(), kl_weights.flatten(),
+                                         batch["truncated"].float()], 1)).T                        # [W·N] each
+        right, wrong, positive = accuracy_all > 0, accuracy_all == 0, advantages_all > 0
+        seconds = parallel.total([t_rollout, t_reward, t_logprobs, t_update], op="max")  # the slowest rank's
         metrics = {
-            "step": step, "reward": rewards.mean().item(), "accuracy": accuracy.mean().item(),
-            "format_rate": (fmt > 0).float().mean().item(), "response_length": lengths_f.mean().item(),
-            "response_length_correct": lengths_f.flatten()[acc_f].mean().item() if acc_f.any() else None,
-            "response_length_wrong": lengths_f.flatten()[wrong].mean().item() if wrong.any() else None,
-            "truncated_rate": batch["truncated"].float().mean().item(),
+            "step": step, "reward": rewards_all.mean().item(), "accuracy": accuracy_all.mean().item(),
+            "format_rate": (fmt_all > 0).float().mean().item(), "response_length": lengths_all.mean().item(),
+            "response_length_correct": lengths_all[right].mean().item() if right.any() else None,
+            "response_length_wrong": lengths_all[wrong].mean().item() if wrong.any() else None,
+            "truncated_rate": truncated_all.mean().item(),
             **{k: sums[k] for k in ("kl", "kl_loss", "entropy", "clip_fraction", "pg_loss", "grad_norm")},
-            "dads_weight_pos_mean": kl_weights.flatten()[positive].mean().item() if positive.any() else None,
-            "stcr_mult_neg_mean": stcr.flatten()[negative].mean().item() if negative.any() else None,
-            "stcr_mult_neg_max": stcr.flatten()[negative].max().item() if negative.any() else None,
-            "equal_reward_groups": (rewards.std(-1) == 0).float().mean().item(),
+            "dads_weight_pos_mean": kl_weights_all[positive].mean().item() if positive.any() else None,
+            "stcr_mult_neg_mean": stcr_all[wrong].mean().item() if wrong.any() else None,
+            "stcr_mult_neg_max": stcr_all[wrong].max().item() if wrong.any() else None,
+            "equal_reward_groups": (rewards_all.view(-1, G).std(-1) == 0).float().mean().item(),
             "lr": optimizer.param_groups[0]["lr"], "bad_rows": state["bad_rows"],
-            "skipped_updates": state["skipped_updates"],
-            "seconds_rollout": t_rollout, "seconds_reward": t_reward, "seconds_logprobs": t_logprobs,
-            "seconds_update": t_update,
+            "skipped_updates": state["skipped_updates"], "world_size": world,
+            **dict(zip(("seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update"), seconds)),
         }
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        with open(out / "samples.jsonl", "a") as f:
-            for b in range(min(args.log_samples, B)):
-                f.write(json.dumps({"step": step, "problem": examples[b]["problem"],
-                                    "answer": examples[b]["answer"], "responses": batch["texts"][b * G:(b + 1) * G],
-                                    "rewards": rewards[b].tolist(), "advantages": advantages[b].tolist()}) + "\n")
+        if main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            with open(out / "samples.jsonl", "a") as f:
+                for b in range(min(args.log_samples, B)):
+                    f.write(json.dumps({"step": step, "problem": examples[b]["problem"], "answer": examples[b]["answer"],
+                                        "responses": batch["texts"][b * G:(b + 1) * G], "rewards": rewards[b].tolist(),
+                                        "advantages": advantages[b].tolist()}) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         len=f"{metrics['response_length']:.0f}")
         evaluate_after(step + 1)
@@ -857,11 +940,13 @@ def train(args: Args) -> Path:
             checkpoint(f"checkpoint-{step + 1:06d}")
             sys.exit(f"{state['bad_in_a_row']} updates in a row had a non-finite loss or gradient: stopped after "
                      f"saving {out}/checkpoint-{step + 1:06d}. Lower --lr or check the data.")
-        if STOP or (step + 1) % args.save_every == 0:
+        stop = parallel.total([len(STOP)], op="max")[0] > 0  # a signal to any rank stops them all, after this step
+        if stop or (step + 1) % args.save_every == 0:
             checkpoint(f"checkpoint-{step + 1:06d}")
-        if STOP:
-            print(f"\nstopped by signal {STOP[0]}: saved {out}/checkpoint-{step + 1:06d}; "
-                  "continue with the same command and --resume")
+        if stop:
+            if main:
+                print(f"\nstopped by signal {STOP[0] if STOP else 'to another process'}: saved "
+                      f"{out}/checkpoint-{step + 1:06d}; continue with the same command and --resume")
             return out
     bar.close()
     checkpoint("final", keep_last=0)
@@ -881,4 +966,7 @@ STOP = []  # signals received, checked after every step
 if __name__ == "__main__":
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    train(parse_args())
+    try:
+        train(parse_args())
+    finally:
+        parallel.close()

@@ -172,6 +172,10 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
         # A parameter's fresh gradient before it is added to .grad: the tied embedding / output projection, V·H.
         "parameter_gradient_temporary": 2 * largest,
         "micro_batch_forward": no_grad_layer(b, S),
+        # rollout.response_logprobs asks the model's forward for its hidden states (the last one is projected):
+        # without gradients every layer's output then stays alive, b · S · (L + 1) · H · 2 bytes. (With them, the
+        # same tensors are the checkpointed activations: nothing more in the update.)
+        "logprob_hidden_states": b * S * (L + 1) * H * 2,
     }
     resident = c["policy_weights"] + c["reference_weights"] + c["adam_moments"]
     kv_at = lambda tokens: c["kv_cache"] * tokens // S  # noqa: E731
@@ -180,7 +184,7 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
         # layer's growing copy, and ~4 fp32 [n_gen, V] tensors: logits, warped scores, probabilities)
         "rollout": resident + max(kv_at(P) + c["prefill_activations"],
                                   c["kv_cache"] * (L + 1) // L + 4 * n_gen * V * 4),
-        "logprobs": resident + c["micro_batch_forward"] + c["logits_chunk"] // 2,
+        "logprobs": resident + c["micro_batch_forward"] + c["logprob_hidden_states"] + c["logits_chunk"] // 2,
         "optimizer": resident + c["gradients"] + c["optimizer_temporaries"],
     }
     # the update: forward + backward of a micro-batch with the gradients resident (or an optimizer step)

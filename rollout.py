@@ -121,7 +121,9 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
     for start in range(0, n, step):
         part = select(batch, list(range(start, min(start + step, n))))
         part = {k: part[k].to(device) for k in MODEL_INPUTS}
-        chunks.append(model.generate(**part, generation_config=gen_config)[:, prompt_len:].cpu())
+        # synced_gpus off: under FSDP2 transformers would turn it on, making every rank decode as long as the
+        # slowest; parallel.full_weights gathers the whole weights first, so no rank needs another during decoding.
+        chunks.append(model.generate(**part, generation_config=gen_config, synced_gpus=False)[:, prompt_len:].cpu())
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     response_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=gen_config.pad_token_id) for c in chunks])
@@ -182,7 +184,10 @@ def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int 
     """
     device, P = model.device, batch["prompt_len"]
     inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [n, P+T, H]
+    # The model's own forward, so that FSDP2 (parallel.py) gathers its outermost weights (embeddings, final norm),
+    # but with no logits (logits_to_keep: none): the last hidden state, after the final norm, is projected below.
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    hidden = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True).hidden_states[-1]
     hidden = hidden[:, P - 1:-1]                                       # position t predicts token t+1: [n, T, H]
     targets = inputs["input_ids"][:, P:]                               # [n, T]
     n, T, H = hidden.shape

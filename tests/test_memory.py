@@ -219,8 +219,9 @@ def test_chunked_logprobs_peak_memory():
 
     def peak(T: int, chunk: int) -> int:
         hidden = torch.randn(n, P + T, H, generator=gen).to(torch.bfloat16).requires_grad_()
-        stand_in = SimpleNamespace(device=torch.device("cpu"), lm_head=SimpleNamespace(weight=weight),
-                                   model=lambda **inputs: SimpleNamespace(last_hidden_state=hidden * 1))
+        def stand_in(**inputs):  # the model's forward, asked for its hidden states
+            return SimpleNamespace(hidden_states=(hidden * 1,))
+        stand_in.device, stand_in.lm_head = torch.device("cpu"), SimpleNamespace(weight=weight)
         batch = {"input_ids": torch.randint(0, V, (n, P + T), generator=gen), "prompt_len": P,
                  **{k: torch.zeros(1) for k in ("attention_mask", "mm_token_type_ids", "pixel_values",
                                                 "image_grid_thw")}}

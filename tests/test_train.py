@@ -106,8 +106,8 @@ def test_keep_last_and_atomic_final(policy, tmp_path):
     # a save killed halfway leaves only a hidden temporary folder: the last complete checkpoint is still whole
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*"))[-1] == "checkpoint-000003"
-    apo.save_checkpoint(tmp_path, "final", model, processor, None)
-    apo.save_checkpoint(tmp_path, "final", model, processor, None)  # rewriting final/ replaces it whole
+    apo.save_checkpoint(tmp_path, "final", model, processor)
+    apo.save_checkpoint(tmp_path, "final", model, processor)  # rewriting final/ replaces it whole
     assert (tmp_path / "final" / "config.json").exists() and not list(tmp_path.glob(".old-*"))
 
 
