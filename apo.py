@@ -7,17 +7,20 @@ advantage is its reward relative to its group (GRPO). Then:
     move the policy further from the reference.
 `docs/APO_SPEC.md` gives the exact math; each function below cites its section (§).
 
-Read this file top to bottom: arguments, data, reward, group advantage, STCR, DADS, loss, update, then the training
-loop that runs them in that order and logs what it sees. `rollout.py` samples responses and computes log-probs,
-`reward.py` scores them.
+Read this file top to bottom: arguments, data, group advantage, STCR, DADS, loss, update, models and checkpoints,
+logging (held-out evaluation, curves), then the training loop that runs them in that order. `rollout.py` samples
+responses and computes log-probs, `reward.py` scores them, `parallel.py` is what many GPUs add (in the loop it shows
+as a few calls, each a no-op in a single process).
 
 Where this code departs from the paper and the authors' code (each one has its reason in the README):
   - loss aggregation: mean over all response tokens of the optimizer mini-batch (independent of micro-batching),
     not the authors' mean per micro-batch of 2 sequences; `--loss-agg sequence` gives the GRPO paper's form;
-  - rewards: unparseable golds are skipped rows (not reward 1.0), letter golds compare as letters, and a \\boxed
-    answer outside <answer> tags still earns accuracy;
+  - rewards: unparseable golds are skipped rows (not reward 1.0), letter golds compare as letters, a \\boxed
+    answer outside <answer> tags still earns accuracy, and answers are read whole (reward.py: never a number picked
+    out of what LaTeX cannot read; golds that are not one value compare as text);
   - one GPU instead of eight: HF `generate` instead of vLLM, bf16 weights with fp32 Adam moments and stochastic
     rounding instead of ZeRO-2 fp32 master weights, and a smaller default rollout (16 prompts instead of 128);
+    many GPUs through torchrun (data parallel, or FSDP2 with --fsdp) instead of DeepSpeed;
   - the data is shuffled each pass (the authors' script does not shuffle; `--no-shuffle` restores that).
 """
 
@@ -632,14 +635,15 @@ def held_out_examples(args: Args, processor) -> list:
     --eval-split, up to --eval-limit of them; [] when evaluation is off or there is no such split."""
     if not args.eval_every:
         return []
+    say = print if parallel.is_main() else lambda *_: None
     if not args.eval_data and Path(args.data).suffix in (".json", ".jsonl", ".parquet"):
-        print(f"no held-out evaluation: {args.data} has no {args.eval_split} split (name one with --eval-data)")
+        say(f"no held-out evaluation: {args.data} has no {args.eval_split} split (name one with --eval-data)")
         return []
     held_out = dataclasses.replace(args, data=args.eval_data or args.data, split=args.eval_split)
     try:
         table, base = load_table(held_out)
     except ValueError as err:  # datasets: "Unknown split"
-        print(f"no held-out evaluation: {err}")
+        say(f"no held-out evaluation: {err}")
         return []
     examples, skipped = [], 0
     for index in range(len(table)):
@@ -649,9 +653,8 @@ def held_out_examples(args: Args, processor) -> list:
             examples.append(usable_example(table[index], held_out, base, processor))
         except (BadRow, OSError):
             skipped += 1
-    if parallel.is_main():
-        print(f"held-out evaluation: {len(examples)} problems of {held_out.data} ({held_out.split}; {skipped} bad "
-              f"rows skipped), at step 0, every {args.eval_every} steps and at the end")
+    say(f"held-out evaluation: {len(examples)} problems of {held_out.data} ({held_out.split}; {skipped} bad rows "
+        f"skipped), at step 0, every {args.eval_every} steps and at the end")
     return examples
 
 
@@ -929,9 +932,9 @@ def train(args: Args) -> Path:
                 f.write(json.dumps(metrics) + "\n")
             with open(out / "samples.jsonl", "a") as f:
                 for b in range(min(args.log_samples, B)):
-                    f.write(json.dumps({"step": step, "problem": examples[b]["problem"], "answer": examples[b]["answer"],
-                                        "responses": batch["texts"][b * G:(b + 1) * G], "rewards": rewards[b].tolist(),
-                                        "advantages": advantages[b].tolist()}) + "\n")
+                    f.write(json.dumps({"step": step, "problem": examples[b]["problem"],
+                                        "answer": examples[b]["answer"], "responses": batch["texts"][b * G:(b + 1) * G],
+                                        "rewards": rewards[b].tolist(), "advantages": advantages[b].tolist()}) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         len=f"{metrics['response_length']:.0f}")
         evaluate_after(step + 1)
@@ -954,7 +957,8 @@ def train(args: Args) -> Path:
 
 
 def request_stop(signum, frame):
-    """SIGINT / SIGTERM: the step under way finishes, a checkpoint is saved, the run exits (a second SIGINT: at once)."""
+    """SIGINT / SIGTERM: the step under way finishes, a checkpoint is saved, the run exits (a second SIGINT: at
+    once)."""
     if STOP and signum == signal.SIGINT:
         raise KeyboardInterrupt
     STOP.append(signum)

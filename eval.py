@@ -21,6 +21,7 @@ the problem, then "think in <think>, answer in <answer>"); `score` checks the fi
 
 import argparse
 import ast
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -366,10 +367,10 @@ def main(argv=None):
     # The data settings (pixel budget, response length, columns) are training's: apo.Args, with the toy preset
     # applied for toy data.
     toy = benches == ["toy"]
-    cfg = apo.Args(**{**(apo.PRESETS["toy"] if toy else {}), "model": a.model, "split": a.split, "seed": a.seed,
-                      "device": a.device, "dtype": a.dtype, "temperature": a.temperature})
-    cfg.max_new_tokens = a.max_new_tokens or (cfg.max_new_tokens if set(benches) - set(PAPER) else 2048)
+    cfg = apo.Args(**{**(apo.PRESETS["toy"] if toy else {}), "model": a.model, "data": benches[0], "split": a.split,
+                      "seed": a.seed, "device": a.device, "dtype": a.dtype, "temperature": a.temperature})
     cfg.max_pixels = a.max_pixels or cfg.max_pixels
+    tokens = {b: a.max_new_tokens or (2048 if b in PAPER else cfg.max_new_tokens) for b in benches}
     device, dtype = apo.resolve_device(cfg)
     data = {b: load_examples(b, sources.get(b, ""), apo.Args(**{**vars(cfg)}), a.limit) for b in benches}
 
@@ -379,7 +380,8 @@ def main(argv=None):
         model, processor = apo.load_model(name, dtype, device, cfg.trust_remote_code)
         results[name], responses[name] = {}, {}
         for b in benches:
-            records = evaluate(model, processor, data[b][0], cfg, a.samples, a.batch_size, progress=f"{name} {b}")
+            records = evaluate(model, processor, data[b][0], dataclasses.replace(cfg, max_new_tokens=tokens[b]),
+                               a.samples, a.batch_size, progress=f"{name} {b}")
             results[name][b], responses[name][b] = summarize(records, a.samples), records
         del model
     table = table_1(results, benches)
@@ -387,7 +389,7 @@ def main(argv=None):
 
     out = Path(a.out or f"eval-{Path(benches[0]).stem if len(benches) == 1 else 'bench'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"models": list(results), "benchmarks": benches, "max_new_tokens": cfg.max_new_tokens,
+    report = {"models": list(results), "benchmarks": benches, "max_new_tokens": tokens,
               "max_pixels": cfg.max_pixels, "skipped_rows": {b: data[b][1] for b in benches},
               "paper": {b: PAPER[b] for b in benches if b in PAPER}, "results": results, "responses": responses}
     out.write_text(json.dumps(report, indent=1))

@@ -90,12 +90,17 @@ def _answer_span(response: str) -> tuple:
     return (response[start + len("<answer>"):end], True) if start >= 0 else (response, False)
 
 
+def _final_answer(response: str) -> tuple:
+    """(the final answer or None, the boxes it was taken from): see extract_answer."""
+    span, tagged = _answer_span(response)
+    boxes = _boxes(span)
+    return (boxes[-1].strip() if boxes else span.strip() if tagged else None), boxes
+
+
 def extract_answer(response: str) -> str | None:
     """The final answer: the last <answer>…</answer>, or the last \\boxed{…} inside it; else the last \\boxed{…}."""
     try:
-        span, tagged = _answer_span(response)
-        boxes = _boxes(span)
-        return boxes[-1].strip() if boxes else span.strip() if tagged else None
+        return _final_answer(response)[0]
     except Exception:
         return None
 
@@ -272,10 +277,9 @@ def answer_matches(answer: str, gold: Gold) -> bool:
 
 def is_correct(response: str, gold: Gold) -> bool:
     """Whether the final answer of `response` equals the gold (no time budget of its own: see accuracy_reward)."""
-    answer = extract_answer(response)
+    answer, boxes = _final_answer(response)
     if not answer:
         return False
-    boxes = _boxes(_answer_span(response)[0])
     if gold.kind == "math" and len(boxes) > 1 and isinstance(gold.value, (Set, Tuple)):
         answer = ", ".join(boxes)  # a set or tuple, boxed one part at a time
     return answer_matches(answer, gold)
@@ -351,8 +355,8 @@ def _alarm(signum, frame):
 @functools.cache
 def _warm_up():
     """The first reading loads math-verify's LaTeX grammar and sympy (~0.5 s of CPU): never on a response's budget."""
-    verify(parse(r"$\frac{1}{2}$", [LatexExtractionConfig()], parsing_timeout=None), parse("$0.5$", parsing_timeout=None),
-           timeout_seconds=None)
+    half = parse(r"$\frac{1}{2}$", [LatexExtractionConfig()], parsing_timeout=None)
+    verify(half, parse("$0.5$", parsing_timeout=None), timeout_seconds=None)
 
 
 def budgeted(fn, *args, budget_s: float = _BUDGET_S):

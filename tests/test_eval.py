@@ -185,7 +185,8 @@ def test_mathverse_rows(local_copies):
 
 def test_mmk12_and_mmstar_rows(local_copies):
     physics, biology = examples_of("mmk12", local_copies)
-    assert physics["choices"] == ["1 m/s²", "2 m/s²", "3 m/s²", "4 m/s²"] and physics["groups"] == {"subject": "physics"}
+    assert physics["choices"] == ["1 m/s²", "2 m/s²", "3 m/s²", "4 m/s²"]
+    assert physics["groups"] == {"subject": "physics"}
     assert biology["answer"] == "C" and biology["choices"][2] == "ribosome"
     relation, theme = examples_of("mmstar", local_copies)
     assert relation["choices"] == ["The suitcase is on the book.", "The suitcase is beneath the cat.",
@@ -299,7 +300,7 @@ def test_eval_all_benchmarks_end_to_end(tmp_path, tiny_model_dir, geo3k_dir, loc
         "--bench", "all", *[f"--data={name}={path}" for name, path in local_copies.items()],
         f"--data=geo3k={geo3k_dir}", "--device", "cpu", "--max-new-tokens", "4", "--limit", "3", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["benchmarks"] == list(evaluate.BENCHMARKS) and saved["max_new_tokens"] == 4
+    assert saved["benchmarks"] == list(evaluate.BENCHMARKS) and set(saved["max_new_tokens"].values()) == {4}
     models = saved["models"]
     for bench, n in {"mathvista": 3, "mathverse": 3, "mmk12": 2, "mmstar": 2, "mmmu": 3, "geo3k": 2}.items():
         for model in models:
@@ -316,6 +317,22 @@ def test_eval_all_benchmarks_end_to_end(tmp_path, tiny_model_dir, geo3k_dir, loc
     assert saved["results"][models[0]]["mathverse"]["breakdown"]["problem_version"]["Vision Only"]["problems"] == 1
     assert saved["results"][models[0]]["mmstar"]["breakdown"]["category"]["coarse perception"]["problems"] == 2
     assert out.with_suffix(".png").stat().st_size > 0 and report["results"] == saved["results"]
+
+
+def test_response_length_limits(tmp_path, tiny_model_dir, geo3k_dir, local_copies, monkeypatch):
+    """Without --max-new-tokens: 2048 new tokens for the paper's benchmarks, training's 1024 for geometry3k, also
+    when both are evaluated together. (Generation is replaced by a stand-in that records the limit it is given.)"""
+    limits = {}
+
+    def stand_in(model, processor, examples, config, *args, progress="", **kwargs):
+        limits[progress.split()[-1]] = config.max_new_tokens
+        return [{"texts": ["<answer>1</answer>"], "lengths": [3], "truncated": [False]} for _ in examples]
+    monkeypatch.setattr(evaluate.rollout, "answer", stand_in)
+    evaluate.main(["--model", str(tiny_model_dir), "--bench", "mathvista,geo3k", "--device", "cpu", "--limit", "1",
+                   f"--data=mathvista={local_copies['mathvista']}", f"--data=geo3k={geo3k_dir}",
+                   "--out", str(tmp_path / "r.json")])
+    assert limits == {"mathvista": 2048, "geo3k": 1024}
+    assert json.loads((tmp_path / "r.json").read_text())["max_new_tokens"] == limits
 
 
 def test_unknown_benchmark_is_a_clear_error():

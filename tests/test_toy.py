@@ -120,7 +120,8 @@ def test_a_short_apo_run_with_the_toy_preset_learns_what_the_reward_asks_for(tmp
 
 def test_eval_on_the_toy_reports_and_compares(tmp_path):
     out = tmp_path / "eval" / "r.json"
-    report = evaluate.main(["--model", "toy", "--baseline", str(toy.starting_model()), "--data", "toy",
+    # as the README has it: a model folder, and `toy` as the baseline (no --device: the toy runs on a CPU)
+    report = evaluate.main(["--model", str(toy.starting_model()), "--baseline", "toy", "--data", "toy",
                             "--limit", "12", "--samples", "3", "--batch-size", "5", "--out", str(out)])
     saved = json.loads(out.read_text())
     model, baseline = saved["models"]
@@ -158,7 +159,7 @@ def test_eval_on_a_geo3k_layout_folder(tmp_path, tiny_model_dir, geo3k_dir):
     saved = json.loads(out.read_text())
     name = str(geo3k_dir)
     result, responses = saved["results"][str(tiny_model_dir)][name], saved["responses"][str(tiny_model_dir)][name]
-    assert result["problems"] == 2 and saved["skipped_rows"] == {name: 0} and saved["max_new_tokens"] == 4
+    assert result["problems"] == 2 and saved["skipped_rows"] == {name: 0} and saved["max_new_tokens"] == {name: 4}
     assert result["format_rate"] == 0.0  # a random model in 4 tokens: no format, and no right answer
     assert result["accuracy"] == 0.0 and result["mean_response_length_correct"] is None
     lengths = [r["length"] for r in responses]

@@ -101,7 +101,8 @@ def test_checkpoint_reloads_with_identical_outputs(policy, tmp_path):
 def test_keep_last_and_atomic_final(policy, tmp_path):
     model, processor = policy
     for step in (1, 2, 3):
-        apo.save_checkpoint(tmp_path, f"checkpoint-{step:06d}", model, processor, {"state": {"step": step}}, keep_last=2)
+        apo.save_checkpoint(tmp_path, f"checkpoint-{step:06d}", model, processor, {"state": {"step": step}},
+                            keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
     # a save killed halfway leaves only a hidden temporary folder: the last complete checkpoint is still whole
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
