@@ -124,6 +124,11 @@ def benchmark_example(name: str, row: dict) -> dict:
         raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
     if not example["images"]:
         raise apo.BadRow("no image")
+    # Golds and options are read here, once, each with a gold's budget; `score` then finds them read (reading one
+    # inside a response's 0.6 s could cut it short).
+    golds = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
+    for text in [*(example["choices"] or []), *(golds if example["kind"] != "number" else [])]:
+        reward.parse_gold(text)
     return example
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import apo
 import reward
-from conftest import geo3k_rows, png_bytes, write_hub_layout
+from conftest import geo3k_rows, png_bytes
 
 
 def args_for(data, **extra):

@@ -55,8 +55,8 @@ MATHVERSE = [  # problem 685 in two of its versions, and a GeoQA multiple-choice
      "metadata": {"split": "testmini", "source": "Geo3D", "subject": "Solid Geometry"},
      "query_wo": "Please directly answer the question and provide the final value, e.g., 1, 2.5, 300.\nQuestion: "
                  "The radius is 3 cm. Find L.",
-     "query_cot": f"Please first conduct reasoning, and then answer the question and provide the final value, e.g., "
-                  f"1, 2.5, 300, at the end.\nQuestion: The radius is 3 cm. Find L.",
+     "query_cot": "Please first conduct reasoning, and then answer the question and provide the final value, e.g., "
+                  "1, 2.5, 300, at the end.\nQuestion: The radius is 3 cm. Find L.",
      "question_for_eval": "The radius is 3 cm. Find L."},
     {"sample_index": "3425", "problem_index": "685", "problem_version": "Vision Only", "question": "",
      "image": picture("black"), "answer": "14", "question_type": "free-form",
