@@ -53,7 +53,7 @@ def single(tiny_model_dir):
 
 @pytest.mark.parametrize("agg, micro, checkpointing", [("token", 3, True), ("sequence", 3, True)])
 def test_two_ranks_give_the_gradient_of_one_process(tiny_model_dir, single, tmp_path, agg, micro, checkpointing):
-    """Each rank holds half of a mini-batch of 8 responses (19 and 15 tokens); the gradients summed over the ranks
+    """Each rank holds half of a mini-batch of 8 responses (14 and 15 tokens); the gradients summed over the ranks
     equal the gradient of one process on all 8, for both loss aggregations, with micro-batches and checkpointing."""
     model, processor, batch = single
     run_worker("gradients", tiny_model_dir, tmp_path, agg=agg, micro=micro, checkpointing=checkpointing)
