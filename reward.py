@@ -28,6 +28,7 @@ import logging
 import re
 import signal
 import threading
+import time
 import unicodedata
 from fractions import Fraction
 from math import inf
@@ -302,12 +303,18 @@ def accuracy_reward(response: str, answer: str) -> float:
 # (1) _too_costly() rejects, before parsing, long answers, deep brackets, factorials, sums, integrals...;
 # (2) _size() bounds, on the unevaluated tree parse() returns, the integers and terms sympy could build, so
 #     power towers and big powers never reach verify(); (1) and (2) answers score 0;
-# (3) budgeted() arms a timer of the process's CPU time (setitimer(ITIMER_PROF), SIGPROF) that stops whatever
-#     pure-Python work is left after _BUDGET_S CPU seconds, with math-verify's own timeouts off. CPU time, not
-#     wall time: on a loaded machine a check waits longer for the CPU but uses no more of it, so load never turns
-#     a right answer into 0 (a wall-clock budget did: 0.53 s of 0.6 s seen). Signals exist in the main thread only
-#     (where the training loop calls us); in other threads only (1) and (2) hold, so nested trig/log
-#     simplifications there can take long.
+# (3) budgeted() gives a check _BUDGET_S seconds of the main thread's own CPU time, with math-verify's own
+#     timeouts off: a timer of the process's CPU time (setitimer(ITIMER_PROF), SIGPROF) fires no later than the
+#     thread's budget is spent (the process's clock counts every thread, so it runs at least as fast); its handler,
+#     which Python runs in the main thread, reads that thread's clock (time.thread_time) and either sets the timer
+#     again for what is left or stops whatever pure-Python work is left. A kernel timer, not a watchdog thread: a
+#     thread would need the GIL to look at the clock, and a check deep in a long C call holds it. CPU time, not wall
+#     time: on a loaded machine a check waits longer for the CPU but uses no more of it, so load never turns a right
+#     answer into 0 (a wall-clock budget did: 0.53 s of 0.6 s seen). The thread's time, not the process's: torch,
+#     gloo or OpenMP threads busy beside the main thread do not shorten a check (with the process's time alone, a
+#     check given 0.6 s was cut after 0.47 s of its own, one torch thread busy beside it).
+#     Signals exist in the main thread only (where the training loop calls us); in other threads only (1) and (2)
+#     hold, so nested trig/log simplifications there can take long.
 _MAX_CHARS, _MAX_DEPTH, _MAX_SIZE, _BUDGET_S = 200, 5, 2000, 0.6
 # A gold is data, read once per row and cached, and a gold cut short would silently zero the accuracy of every
 # response to its prompt: it gets a budget that only a pathological gold exhausts.
@@ -348,7 +355,16 @@ class _OutOfTime(BaseException):  # not an Exception: math-verify's `except Exce
     pass
 
 
-def _alarm(signum, frame):
+_DEADLINE = [None]  # the main thread's CPU time (time.thread_time) at which the running check is out of time
+
+
+def _alarm(signum, frame):  # SIGPROF, handled in the main thread
+    if _DEADLINE[0] is None:
+        return  # the check is over: an alarm sent just before it ended
+    left = _DEADLINE[0] - time.thread_time()
+    if left > 1e-3:  # other threads ran the process's clock ahead: time is left
+        signal.setitimer(signal.ITIMER_PROF, left)
+        return
     raise _OutOfTime
 
 
@@ -360,18 +376,21 @@ def _warm_up():
 
 
 def budgeted(fn, *args, budget_s: float = _BUDGET_S):
-    """fn(*args) within budget_s CPU seconds (main thread); None on any error or when out of time."""
+    """fn(*args) within budget_s seconds of the main thread's CPU time; None on any error or when out of time."""
     _warm_up()
-    # A timer already running is an outer budgeted's (it keeps the time) or the caller's (left alone).
-    armed = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_PROF)[0] == 0
+    # Inside an outer budgeted (a deadline is set), the outer keeps the time; a timer of the caller's is left alone.
+    armed = (threading.current_thread() is threading.main_thread() and _DEADLINE[0] is None
+             and signal.getitimer(signal.ITIMER_PROF)[0] == 0)
     old = signal.signal(signal.SIGPROF, _alarm) if armed else None
     try:
         try:
             if armed:
+                _DEADLINE[0] = time.thread_time() + budget_s
                 signal.setitimer(signal.ITIMER_PROF, budget_s)
             return fn(*args)
-        finally:  # the timer is one-shot: once this has run, or the alarm has fired, no alarm can come
+        finally:  # the timer is one-shot and only the handler sets it again, after checking _DEADLINE
             if armed:
+                _DEADLINE[0] = None
                 signal.setitimer(signal.ITIMER_PROF, 0)
     except _OutOfTime:
         if not armed:
