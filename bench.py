@@ -34,7 +34,8 @@ import apo
 import rollout
 import toy
 
-SHARED_CONFIG = Path(__file__).resolve().parent.parent / "shared" / "qwen2_5_vl_3b_config.json"
+# The public config.json of Qwen/Qwen2.5-VL-3B-Instruct (architecture only, no weights), kept with the test data.
+QWEN_3B_CONFIG = Path(__file__).resolve().parent / "tests" / "data" / "qwen2_5_vl_3b_config.json"
 PEAK_BF16_FLOPS = 989e12   # H100 SXM (and H200), dense bf16 tensor cores, no sparsity
 HBM_BYTES_PER_S = 3.0e12   # what a decode step can hope to read per second on an H100 (3.35 TB/s nominal)
 TARGET_GIB = 60
@@ -42,7 +43,7 @@ GiB = 2 ** 30
 
 # Both configs run apo.Args' defaults (16 prompts × 8 responses × up to 1024 tokens, two optimizer steps of 64,
 # micro-batches of 4); tiny with the toy task's images (4 image tokens), 3b with 352 image tokens, as many as the
-# largest geometry3k diagrams in ../shared/geo3k_sample make.
+# largest geometry3k diagrams in tests/data/geo3k_sample make.
 TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56)
 IMAGE_SIZE = {"tiny": (56, 56), "3b": (616, 448)}
 FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", "micro_batch_size",
@@ -53,7 +54,7 @@ FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["tiny", "3b"], required=True)
-    p.add_argument("--config-file", help=f"Qwen2.5-VL-3B's config.json (default: {SHARED_CONFIG})")
+    p.add_argument("--config-file", help=f"Qwen2.5-VL-3B's config.json (default: {QWEN_3B_CONFIG})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--dry-run", action="store_true", help="write the memory plan only (meta device, no weights)")
@@ -94,7 +95,7 @@ def load_config(a, tokenizer) -> Qwen2_5_VLConfig:
     decode to nothing (the texts are not scored: the rewards are random)."""
     if a.config == "tiny":
         return toy.tiny_config(tokenizer)
-    path = Path(a.config_file) if a.config_file else SHARED_CONFIG
+    path = Path(a.config_file) if a.config_file else QWEN_3B_CONFIG
     if not path.is_file():
         sys.exit(f"--config 3b needs Qwen2.5-VL-3B's config.json; {path} does not exist. Pass --config-file with "
                  "the config.json of Qwen/Qwen2.5-VL-3B-Instruct.")

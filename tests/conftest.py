@@ -10,13 +10,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
 
-GEO3K_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "geo3k_sample"
+GEO3K_SAMPLE = Path(__file__).resolve().parent / "data" / "geo3k_sample"  # ten real problems (its README)
 
 
 def geo3k_rows() -> list:
     """The real geometry3k sample in the Hub's row format: images, '<image>' + problem text, the right choice's text."""
-    if not GEO3K_SAMPLE.is_dir():
-        pytest.skip(f"the geometry3k sample is not at {GEO3K_SAMPLE}")
     rows = []
     for folder in sorted(GEO3K_SAMPLE.iterdir(), key=lambda p: p.name):
         if not (folder / "data.json").exists():
@@ -25,6 +23,7 @@ def geo3k_rows() -> list:
         rows.append({"images": [{"bytes": (folder / "img_diagram.png").read_bytes(), "path": None}],
                      "problem": "<image>" + meta["problem_text"],
                      "answer": meta["choices"][ord(meta["answer"]) - ord("A")], "id": meta["id"]})
+    assert len(rows) == 10, f"the geometry3k sample at {GEO3K_SAMPLE} is incomplete"  # a fixture never skips
     return rows
 
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 import eval as evaluate
 import reward
-from conftest import geo3k_rows
+from conftest import GEO3K_SAMPLE, geo3k_rows
 
 Img = datasets.Image()
 S = datasets.Value("string")
@@ -287,7 +287,7 @@ def test_training_format_scores_as_the_training_reward():
     cfg = apo.Args()
     for row in rows:
         example = evaluate.training_example(row, cfg, None)
-        for choice in json.loads((evaluate.Path(__file__).resolve().parents[2] / "shared" / "geo3k_sample" /
+        for choice in json.loads((GEO3K_SAMPLE /
                                   str(row["id"]) / "data.json").read_text())["choices"]:
             assert evaluate.score(example, R(choice)) == reward.accuracy_reward(R(choice), row["answer"])
 

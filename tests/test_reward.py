@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reward import accuracy_reward, extract_answer, format_reward, parse_gold  # noqa: E402
 
-GEO3K = Path(__file__).resolve().parents[2] / "shared" / "geo3k_sample"
+GEO3K = Path(__file__).resolve().parent / "data" / "geo3k_sample"
 
 
 def R(answer: str) -> str:
@@ -141,8 +141,6 @@ def test_unparseable_gold(gold):
 
 # --- the ten real geometry3k rows --------------------------------------------------------------------------
 def geo3k_rows():
-    if not GEO3K.is_dir():
-        pytest.skip(f"geometry3k sample not found at {GEO3K}")
     rows = [json.loads(p.read_text()) for p in sorted(GEO3K.glob("*/data.json"))]
     assert len(rows) == 10
     return rows
