@@ -221,7 +221,7 @@ def evaluate(model, processor, examples: list, cfg: apo.Args, samples: int, batc
                              progress=progress)
     drawn = rollout.answer(model, processor, examples, rollout.generation_config(
         processor, cfg.max_new_tokens, cfg.temperature, cfg.top_p), batch_size, cfg.min_pixels, cfg.max_pixels,
-        samples, progress=f"{progress} samples") if samples else [None] * len(examples)
+        samples, progress=f"{progress} samples", seed=cfg.seed) if samples else [None] * len(examples)
     records = []
     for e, a, d in zip(examples, answers, drawn):
         text = a["texts"][0]

@@ -13,13 +13,15 @@ A rollout batch is a plain dict of tensors, N = B·G responses, P = prompt lengt
     prompt_len      int        P
 """
 
+import copy
 import re
 
 import torch
 import torch.nn.functional as F
 from qwen_vl_utils import fetch_image
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TopPLogitsWarper
 
 INSTRUCTION = ("First think through the problem step by step inside <think> </think>, "
                "then give only the final answer inside <answer> </answer>.")
@@ -103,14 +105,67 @@ def generation_config(processor, max_new_tokens: int, temperature: float, top_p:
         suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS))
 
 
+def _mix32(x):
+    """A bijection of 32-bit integers that spreads every input bit over every output bit (a known integer hash:
+    two xor-shift-multiply rounds). Works alike on Python ints and int64 tensors; products stay below 2^63."""
+    x = x & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def keyed_uniforms(keys: torch.Tensor, *words: int) -> torch.Tensor:
+    """One number in (0, 1) per key, a hash of (key, *words): [n] int64 -> [n] float64. The same on any device,
+    in any batch, in any process."""
+    x = keys.long()
+    for word in words:
+        x = _mix32(x ^ _mix32(word))
+    return (x.double() + 0.5) / 2 ** 32
+
+
+class KeyedSampler(LogitsProcessor):
+    """Samples each row's next token from π(· | prefix) at the temperature (nucleus `top_p` applied) by inverting
+    its CDF at a uniform number keyed by (seed, the row's key, the token's position), instead of drawing from
+    the global random stream. So a response depends on the policy and on which response it is (its key: prompt
+    of the step, sample of the group), never on what else shares its `generate` call: a run gives the same
+    responses on 1 or 8 processes and at any --generation-batch-size (tested), and a resumed run needs no
+    sampling state. The distribution is exactly generate's own sampling; only the source of randomness differs.
+    Returned as scores that are -inf but for the chosen token, which generate's greedy step then picks."""
+
+    def __init__(self, temperature: float, top_p: float, keys: torch.Tensor, seed: tuple, prompt_len: int):
+        self.temperature, self.keys, self.seed, self.prompt_len = temperature, keys, seed, prompt_len
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature                                 # [n, V]
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        cdf = scores.softmax(-1).cumsum(-1)                                        # [n, V], 0 → ~1
+        position = input_ids.shape[1] - self.prompt_len                            # tokens generated so far
+        u = keyed_uniforms(self.keys.to(scores.device), *self.seed, position)      # [n] in (0, 1)
+        target = (u * cdf[:, -1].double()).float()[:, None]                        # [n, 1], within the total mass
+        # the first token whose CDF exceeds u: P(token v) = π_v; a token of probability 0 is never chosen
+        token = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, -torch.inf).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def sample_responses(model, processor, prompts: dict, group_size: int, gen_config: GenerationConfig,
-                     generation_batch_size: int = 0) -> dict:
+                     generation_batch_size: int = 0, seed: tuple = (0,), first_prompt: int = 0) -> dict:
     """G responses per prompt. Returns the rollout batch described at the top of this file, plus
-    `response_ids` [N, T], `lengths` [N] (tokens up to and including EOS), `truncated` [N] (no EOS) and `texts`."""
+    `response_ids` [N, T], `lengths` [N] (tokens up to and including EOS), `truncated` [N] (no EOS) and `texts`.
+
+    Sampling (gen_config.do_sample) is keyed (KeyedSampler): response k of prompt i has the key
+    (first_prompt + i)·G + k under `seed` (ints: in training, the run's seed and the step); `first_prompt` is where
+    these prompts stand among all of the step's. Without sampling, decoding is greedy."""
     n_prompts = prompts["input_ids"].shape[0]
     batch = select(prompts, [i for i in range(n_prompts) for _ in range(group_size)])  # prompt i -> rows i·G .. i·G+G-1
     prompt_len, device = batch["input_ids"].shape[1], model.device
+    keys = torch.arange(n_prompts * group_size) + first_prompt * group_size                 # [N]
+    config = gen_config
+    if gen_config.do_sample:  # KeyedSampler samples; generate then only picks its choice (the greedy step)
+        config = copy.deepcopy(gen_config)
+        config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     # Gradient checkpointing switches the KV cache off in training mode; decoding without it recomputes the whole
     # prefix at every step (~100x slower). eval() + no_grad + use_cache=True in the config keep it on.
     was_training = model.training
@@ -119,11 +174,15 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
     step = generation_batch_size or n
     chunks = []
     for start in range(0, n, step):
-        part = select(batch, list(range(start, min(start + step, n))))
+        rows = list(range(start, min(start + step, n)))
+        part = select(batch, rows)
         part = {k: part[k].to(device) for k in MODEL_INPUTS}
+        sampler = LogitsProcessorList([KeyedSampler(gen_config.temperature, gen_config.top_p, keys[rows], seed,
+                                                    prompt_len)] if gen_config.do_sample else [])
         # synced_gpus off: under FSDP2 transformers would turn it on, making every rank decode as long as the
         # slowest; parallel.full_weights gathers the whole weights first, so no rank needs another during decoding.
-        chunks.append(model.generate(**part, generation_config=gen_config, synced_gpus=False)[:, prompt_len:].cpu())
+        chunks.append(model.generate(**part, generation_config=config, logits_processor=sampler,
+                                     synced_gpus=False)[:, prompt_len:].cpu())
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     response_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=gen_config.pad_token_id) for c in chunks])
@@ -146,9 +205,10 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
 
 @torch.no_grad()
 def answer(model, processor, examples: list, gen_config: GenerationConfig, batch_size: int, min_pixels: int,
-           max_pixels: int, samples: int = 1, progress: str = "") -> list:
+           max_pixels: int, samples: int = 1, progress: str = "", seed: int = 0) -> list:
     """`samples` responses to each example ({'images': [...], 'problem': str}), `batch_size` prompts per `generate`
-    call. One dict per example: texts, lengths (tokens, EOS included) and truncated, each a list of `samples`."""
+    call. One dict per example: texts, lengths (tokens, EOS included) and truncated, each a list of `samples`.
+    Sampled responses are keyed by the example's index and `seed`: the same whatever the batch size."""
     from tqdm import tqdm
 
     results = []
@@ -156,7 +216,7 @@ def answer(model, processor, examples: list, gen_config: GenerationConfig, batch
         part = examples[start:start + batch_size]
         prompts = encode_prompts(processor, [e["images"] for e in part], [e["problem"] for e in part], min_pixels,
                                  max_pixels)
-        out = sample_responses(model, processor, prompts, samples, gen_config)
+        out = sample_responses(model, processor, prompts, samples, gen_config, seed=(seed,), first_prompt=start)
         for i in range(len(part)):
             rows = slice(i * samples, (i + 1) * samples)
             results.append({"texts": out["texts"][rows], "lengths": out["lengths"][rows].tolist(),

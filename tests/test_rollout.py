@@ -76,14 +76,7 @@ def test_several_images_per_prompt_sample_and_score_like_one(tiny):
     first_of = [sum(sizes[:i]) for i in range(7)]
     assert torch.equal(picked["pixel_values"], torch.cat([batch["pixel_values"][first_of[3]:first_of[6]],
                                                          batch["pixel_values"][first_of[0]:first_of[2]]]))
-    config = rollout.generation_config(processor, 6, TEMPERATURE, 1.0)
-    config.output_logits, config.return_dict_in_generate = True, True
-    torch.manual_seed(0)
-    out = model.generate(**{k: batch[k] for k in rollout.MODEL_INPUTS}, generation_config=config)
-    sampled = out.sequences[:, batch["input_ids"].shape[1]:]
-    generation_logp = torch.stack([(logits / TEMPERATURE).log_softmax(-1).gather(-1, sampled[:, t:t + 1])[:, 0]
-                                   for t, logits in enumerate(out.logits)], 1)
-    torch.manual_seed(0)
+    sampled, generation_logp = generate_with_logprobs(model, processor, batch, 6)
     rolled = rollout.sample_responses(model, processor, batch, 1, rollout.generation_config(processor, 6,
                                                                                             TEMPERATURE, 1.0))
     assert torch.equal(rolled["response_ids"], sampled) and rolled["image_grid_thw"].shape[0] == 6
@@ -94,28 +87,35 @@ def test_several_images_per_prompt_sample_and_score_like_one(tiny):
     assert grouped["image_counts"].tolist() == [2, 2, 1, 1, 3, 3] and grouped["image_grid_thw"].shape[0] == 12
 
 
+def generate_with_logprobs(model, processor, batch, max_new_tokens, seed=(0,)):
+    """An independent route to the generation-time log-probs: `generate` itself, one row per response, with the
+    keyed sampler that sample_responses uses (keys 0, 1, ...), asked for the raw logits of every step."""
+    config = rollout.generation_config(processor, max_new_tokens, TEMPERATURE, 1.0)
+    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, output_logits=True,
+                  return_dict_in_generate=True)
+    P = batch["input_ids"].shape[1]
+    sampler = rollout.KeyedSampler(TEMPERATURE, 1.0, torch.arange(batch["input_ids"].shape[0]), seed, P)
+    out = model.generate(**{k: batch[k] for k in rollout.MODEL_INPUTS}, generation_config=config,
+                         logits_processor=[sampler])
+    sampled = out.sequences[:, P:]
+    logp = torch.stack([(logits / TEMPERATURE).log_softmax(-1).gather(-1, sampled[:, t:t + 1])[:, 0]
+                        for t, logits in enumerate(out.logits)], 1)
+    return sampled, logp
+
+
 def sample(model, processor, prompts, group_size=2, max_new_tokens=10, seed=0, **extra):
     config = rollout.generation_config(processor, max_new_tokens, TEMPERATURE, 1.0)
     for k, v in extra.items():
         setattr(config, k, v)
-    torch.manual_seed(seed)
-    return rollout.sample_responses(model, processor, prompts, group_size, config)
+    return rollout.sample_responses(model, processor, prompts, group_size, config, seed=(seed,))
 
 
 def test_training_forward_logprobs_equal_generation_logprobs(tiny, prompts):
     """The log-probs that the loss uses are those of the distribution the responses were sampled from (fp32)."""
     model, processor = tiny
-    config = rollout.generation_config(processor, 10, TEMPERATURE, 1.0)
-    config.output_logits, config.return_dict_in_generate = True, True
-    batch = rollout.select(prompts, [0, 0, 1, 1, 2, 2])
-    torch.manual_seed(0)
-    out = model.generate(**{k: batch[k] for k in rollout.MODEL_INPUTS}, generation_config=config)
-    P = batch["input_ids"].shape[1]
-    sampled = out.sequences[:, P:]
-    generation_logp = torch.stack([(logits / TEMPERATURE).log_softmax(-1).gather(-1, sampled[:, t:t + 1])[:, 0]
-                                   for t, logits in enumerate(out.logits)], 1)
-
-    rolled = sample(model, processor, prompts, group_size=2, seed=0)  # same seed: the same samples
+    sampled, generation_logp = generate_with_logprobs(model, processor, rollout.select(prompts, [0, 0, 1, 1, 2, 2]),
+                                                      10)
+    rolled = sample(model, processor, prompts, group_size=2, seed=0)  # same keys, same seed: the same samples
     assert torch.equal(rolled["response_ids"], sampled)
     logp, entropy = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=4, chunk_tokens=7)
     mask = rolled["response_mask"].bool()
@@ -211,3 +211,42 @@ def test_generation_config_is_fully_explicit(tiny):
     assert merged.top_k == 0 and merged.repetition_penalty == 1.0  # the values that switch top-k and the penalty off
     greedy = rollout.generation_config(processor, 64, 1.0, 1.0, do_sample=False)
     assert not greedy.do_sample and greedy.temperature is None
+
+
+def test_keyed_sampling_draws_from_the_distribution():
+    """KeyedSampler over 40,000 keys of one position: token frequencies match softmax(logits / T) within 4
+    standard errors (deterministic: the keys are fixed), a token of probability 0 (suppressed) is never chosen,
+    and with top-p only the nucleus is, in proportion."""
+    n, logits = 40_000, torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -torch.inf])
+    for top_p in (1.0, 0.8):
+        sampler = rollout.KeyedSampler(TEMPERATURE, top_p, torch.arange(n), (7,), prompt_len=3)
+        scores = sampler(torch.zeros(n, 3, dtype=torch.long), logits.expand(n, -1).clone())
+        assert torch.equal((scores == 0).sum(-1), torch.ones(n, dtype=torch.long))  # one token kept per row
+        freq = torch.bincount(scores.argmax(-1), minlength=6).double() / n
+        p = (logits / TEMPERATURE).softmax(-1).double()
+        if top_p < 1:  # the smallest set of the likeliest tokens holding 0.8 of the mass: here the first two
+            assert p[0] < 0.8 <= p[:2].sum()
+            p = torch.cat([p[:2] / p[:2].sum(), torch.zeros(4, dtype=torch.double)])
+        assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (top_p, freq, p)
+        assert freq[5] == 0
+    # positions and seeds give other numbers; the same key, position and seed the same number
+    u = rollout.keyed_uniforms(torch.arange(1000), 7, 3)
+    assert torch.equal(u, rollout.keyed_uniforms(torch.arange(1000), 7, 3)) and 0 < u.min() and u.max() < 1
+    assert (u != rollout.keyed_uniforms(torch.arange(1000), 7, 4)).float().mean() > 0.99
+    assert abs(u.mean().item() - 0.5) < 0.03 and (u[1:] - u[:-1]).abs().mean() > 0.3  # no drift between keys
+
+
+def test_a_response_does_not_depend_on_what_shares_its_batch(tiny, prompts):
+    """The same prompt, key and seed give the same response whether generated in one call, in calls of 3 rows,
+    or with a subset of the prompts (as one of several processes does with its share of a step)."""
+    model, processor = tiny
+    config = rollout.generation_config(processor, 10, TEMPERATURE, 1.0)
+    whole = rollout.sample_responses(model, processor, prompts, 4, config, seed=(3, 1))
+    assert torch.equal(rollout.sample_responses(model, processor, prompts, 4, config, 3, seed=(3, 1))["response_ids"],
+                       whole["response_ids"])
+    part = rollout.sample_responses(model, processor, rollout.select(prompts, [1, 2]), 4, config, seed=(3, 1),
+                                    first_prompt=1)
+    T = part["response_ids"].shape[1]
+    assert torch.equal(part["response_ids"], whole["response_ids"][4:, :T]) and part["texts"] == whole["texts"][4:]
+    other = rollout.sample_responses(model, processor, prompts, 4, config, seed=(3, 2))  # another step
+    assert other["texts"] != whole["texts"]
