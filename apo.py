@@ -440,6 +440,17 @@ class AdamW(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device
         self.generator = torch.Generator(device).manual_seed(seed)
 
+    def load_state_dict(self, state_dict: dict):
+        """As torch's, except that the moments stay fp32: torch casts a loaded state to each weight's dtype, which
+        for bf16 weights rounds the moments to bf16 (and the next step then fails on the mix of dtypes)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved = [state_dict["state"].get(i) for group in state_dict["param_groups"] for i in group["params"]]
+        for p, state in zip(params, saved):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state is not None and key in state:
+                    self.state[p][key] = state[key].to(device=p.device, dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None):  # (closure: torch.distributed.checkpoint calls step(closure=None) to build state)
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (a DTensor's shard)
@@ -856,14 +867,16 @@ def train(args: Args) -> Path:
                     tqdm.write(f"skipping row {index}: {err}")
                 if skipped_here > len(table):
                     sys.exit(f"no usable row in a whole pass over {args.data}: check the data")
-        examples = parallel.share(examples)  # many GPUs: every rank chose the same B rows; it keeps its B/W of them
+        # many GPUs: every rank chose the same B rows; it keeps its block of B/W of them
+        mine = parallel.share(list(range(len(examples))))
+        examples = [examples[i] for i in mine]
         prompts = rollout.encode_prompts(processor, [e["images"] for e in examples],
                                          [e["problem"] for e in examples], args.min_pixels, args.max_pixels)
 
         # --- rollout: G responses per prompt (rollout.py)
         with parallel.full_weights(model):  # --fsdp: the whole weights on every rank, gathered once for the rollout
             batch = rollout.sample_responses(model, processor, prompts, args.group_size, gen_config,
-                                             args.generation_batch_size)
+                                             args.generation_batch_size, seed=(args.seed, step), first_prompt=mine[0])
         t_rollout = time.perf_counter() - timer
 
         # --- reward (APO_SPEC §1): r_i = acc_i + fmt_i
@@ -915,6 +928,7 @@ def train(args: Args) -> Path:
         metrics = {
             "step": step, "reward": rewards_all.mean().item(), "accuracy": accuracy_all.mean().item(),
             "format_rate": (fmt_all > 0).float().mean().item(), "response_length": lengths_all.mean().item(),
+            "response_tokens": int(lengths_all.sum().item()),  # over all processes: B·G responses, each once
             "response_length_correct": lengths_all[right].mean().item() if right.any() else None,
             "response_length_wrong": lengths_all[wrong].mean().item() if wrong.any() else None,
             "truncated_rate": truncated_all.mean().item(),

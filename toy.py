@@ -201,7 +201,8 @@ def starting_model() -> Path:
 
     The folder name holds a hash of this file, so a changed recipe builds a new model. The build happens in a
     temporary folder renamed into place when complete: a killed build leaves nothing half-written, and of two
-    processes building at once, the second to finish finds the folder there and drops its own copy."""
+    processes building at once, the second to finish finds the folder there and drops its own copy. Nothing is
+    ever deleted from the cache but a build's own temporary folder, so concurrent builds never collide."""
     import hashlib
     import os
     import shutil
@@ -229,8 +230,7 @@ def starting_model() -> Path:
             os.rename(tmp, final)
         except OSError:  # another process finished first: its model is the same
             pass
-        for old in set(CACHE.glob("starting-model-*")) - {final}:  # built by earlier versions of this file
-            shutil.rmtree(old, ignore_errors=True)
+        # Models of other versions of this file stay (1 MB each): one may be in use by a run of that version.
     finally:
         random.setstate(python_state)
         torch.set_num_threads(threads)

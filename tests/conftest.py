@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random Qwen2.5-VL built locally, and geo3k-layout data from the real sample problems."""
+"""Shared fixtures: a tiny random Qwen2.5-VL built locally, geo3k-layout data from the real sample problems, and
+processes started as a user (or torchrun) starts them, each with a deadline."""
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,10 +41,11 @@ def write_hub_layout(folder: Path, splits: dict) -> Path:
     return folder
 
 
-def png_bytes(color="white", size=(56, 56)) -> bytes:
+def png_bytes(color="white", size=(56, 56), image=None) -> bytes:
+    """A PNG of one colour, or of `image`."""
     from PIL import Image
     buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
+    (image or Image.new("RGB", size, color)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -53,6 +56,71 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    """The toy task in the Hub layout, small: 64 training images, 16 held-out ones. Runs on it use the toy's
+    starting model (`--model toy`), which writes the format and guesses letters: rewards differ within groups, so
+    every update moves the weights (a random model earns nothing, and nothing would move)."""
+    import toy
+    toy.starting_model()  # built once, before any run (or two processes at once) needs it
+    rows = lambda split, n: [dict(r, images=[{"bytes": png_bytes(image=r["images"][0]), "path": None}], id=i)  # noqa
+                             for i, r in enumerate(toy.toy_rows(split, seed=0)[:n])]
+    return write_hub_layout(tmp_path_factory.mktemp("toy") / "toy", {"train": rows("train", 64),
+                                                                      "test": rows("test", 16)})
+
+
+@pytest.fixture(scope="session")
 def geo3k_dir(tmp_path_factory) -> Path:
     rows = geo3k_rows()
     return write_hub_layout(tmp_path_factory.mktemp("geo3k") / "geometry3k", {"train": rows[:8], "test": rows[8:]})
+
+
+# ------------------------------------------------------------------------------------------------ processes
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 900  # a hung process fails its test with its output, instead of hanging the suite
+
+
+class Processes:
+    """`world` processes of `command` with the environment torchrun gives its workers (RANK, WORLD_SIZE, ...).
+
+    The rendezvous store is served by this process, as torchrun's agent serves it
+    (TORCHELASTIC_USE_AGENT_STORE): it holds its port from the start, so no other program can take the port
+    between its choice and the ranks' connecting (binding port 0, closing, and handing the number on could)."""
+
+    def __init__(self, command: list, world: int = 1, **env):
+        self.store = None
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **env)
+        if world > 1:
+            from torch.distributed import TCPStore
+            self.store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.store.port), WORLD_SIZE=str(world),
+                       TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1")
+        self.procs = [subprocess.Popen(command, env=dict(env, **({"RANK": str(r), "LOCAL_RANK": str(r)}
+                                                                  if world > 1 else {})),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                      for r in range(world)]
+
+    def finish(self, check: bool = True) -> list:
+        """Every process's output, once all have exited (0 unless check=False) within DEADLINE_S."""
+        outputs = []
+        for p in self.procs:
+            try:
+                outputs.append(p.communicate(timeout=DEADLINE_S)[0])
+            except subprocess.TimeoutExpired:
+                for q in self.procs:
+                    q.kill()
+                raise AssertionError(f"a process ran past {DEADLINE_S} s: {p.args}\n{p.communicate()[0][-4000:]}")
+        if check:
+            for p, output in zip(self.procs, outputs):
+                assert p.returncode == 0, output[-4000:]
+        return outputs
+
+
+def wait_for(path: Path, processes: Processes):
+    """Until `path` exists; a process exiting first fails the test with its output (and so does the deadline)."""
+    import time
+    deadline = time.monotonic() + DEADLINE_S
+    while not path.exists():
+        for p in processes.procs:
+            assert p.poll() is None, p.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, f"{path} did not appear within {DEADLINE_S} s"
+        time.sleep(0.02)

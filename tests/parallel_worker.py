@@ -79,6 +79,8 @@ def main():
             parallel.shard(model)
         optimizer = apo.AdamW(model.parameters(), lr=1e-3, seed=0)
         local = rollout.select(batch, mine)
+        torch.manual_seed(1000 + rank)  # each rank's own global stream, as in training: nothing drawn from it may
+        # decide a weight (the rounding draws from the optimizer's generator, seeded alike on every rank)
         for _ in range(options.get("steps", 1)):
             stats = apo.update_policy(model, local, optimizer, args, [1e-3])
         weights = parallel.full_state_dict(model) if options.get("fsdp") else model.state_dict()

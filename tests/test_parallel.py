@@ -1,12 +1,8 @@
 """Many processes (parallel.py), on the CPU: gloo, 2 ranks started as torchrun starts them. Each result is compared
 with one process doing the same work on all the responses."""
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,33 +10,16 @@ import torch
 
 import apo
 import parallel_worker
+from conftest import REPO, Processes, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
+PAUSED = Path(__file__).resolve().parent / "paused_run.py"
 TIMING_KEYS = {"seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update", "seconds"}
-
-
-def start(command: list, world: int = 2) -> list:
-    """`world` processes of `command`, with the environment torchrun gives its workers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [subprocess.Popen(command, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1",
-                                               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-
-
-def finish(processes: list) -> list:
-    outputs = [p.communicate()[0] for p in processes]
-    for p, output in zip(processes, outputs):
-        assert p.returncode == 0, output[-4000:]
-    return outputs
 
 
 def run_worker(task, model_dir, out, **options):
     out.mkdir(parents=True, exist_ok=True)
-    finish(start([sys.executable, str(WORKER), task, str(model_dir), str(out), json.dumps(options)]))
+    Processes([sys.executable, str(WORKER), task, str(model_dir), str(out), json.dumps(options)], world=2).finish()
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +57,9 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny_model_dir, single, tmp_
 
 
 def test_bf16_replicas_stay_bit_identical(tiny_model_dir, tmp_path):
-    """Three bf16 updates with stochastic rounding: both ranks' weights are the same to the bit (the rounding draws
-    from a generator seeded alike on every rank), and they did move."""
+    """Three bf16 updates with stochastic rounding, the ranks' global random streams seeded differently (as in
+    training): both ranks' weights are the same to the bit (the rounding draws from a generator seeded alike on
+    every rank, never from the global stream), and they did move."""
     run_worker("updates", tiny_model_dir, tmp_path, bf16=True, steps=3)
     digests = [(tmp_path / f"digest-{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
@@ -119,8 +99,10 @@ def toy_model():
 
 
 def run_args(out, *extra):
+    # 2 prompts × 4 responses in one mini-batch of 8: each rank holds one prompt's group, and the update is that
+    # of one process on both (several mini-batches per rollout would shuffle within each rank's share)
     return ["--data", "toy", "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
-            "--max-new-tokens", "20", "--mini-batch-size", "4", "--micro-batch-size", "3", "--log-samples", "1",
+            "--max-new-tokens", "20", "--mini-batch-size", "8", "--micro-batch-size", "3", "--log-samples", "1",
             "--eval-every", "2", "--eval-limit", "4", *extra]
 
 
@@ -132,39 +114,63 @@ def strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-def test_two_rank_run_stopped_by_a_signal_to_one_rank_resumes_exactly(toy_model, tmp_path):
-    """A 2-rank run: SIGINT to rank 1 alone after the first step; both ranks finish the step, save, exit 0. Resumed,
-    it writes the metrics, samples and evaluations of an uninterrupted 2-rank run."""
-    steps = ["--steps", "6", "--save-every", "100"]  # (room for the signal to land before the run ends)
-    command = lambda out: [sys.executable, str(REPO / "apo.py"), *run_args(out, *steps)]  # noqa: E731
-    finish(start(command(tmp_path / "full")))
-    metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(6)) and all(m["world_size"] == 2 for m in metrics)
-    assert [e["step"] for e in read_jsonl(tmp_path / "full" / "eval.jsonl")] == [0, 2, 4, 6]
+def assert_close_rows(got: list, expected: list, rel: float = 1e-4, abs_: float = 1e-6):
+    """Row by row, key by key: counts and texts equal, floats within rel (or abs_ near 0)."""
+    assert len(got) == len(expected)
+    for a, b in zip(strip(got), strip(expected)):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(b[k], float):
+                assert a[k] == pytest.approx(b[k], rel=rel, abs=abs_), (k, a[k], b[k])
+            elif isinstance(b[k], list) and b[k] and isinstance(b[k][0], float):
+                assert a[k] == pytest.approx(b[k], rel=rel, abs=abs_), (k, a[k], b[k])
+            elif k != "world_size":
+                assert a[k] == b[k], (k, a[k], b[k])
 
-    cut = start(command(tmp_path / "cut"))
-    metrics_file = tmp_path / "cut" / "metrics.jsonl"
-    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1):
-        assert all(p.poll() is None for p in cut)
-        time.sleep(0.05)
-    cut[1].send_signal(signal.SIGINT)
-    outputs = finish(cut)
+
+def test_a_two_rank_run_equals_one_process_and_resumes_exactly_after_a_signal_to_one_rank(toy_model, tmp_path):
+    """A 2-rank run writes the metrics, samples and evaluations of one process doing the whole step (each rank
+    samples its prompt's responses with the keys one process gives them; the gradients are summed), to a stated
+    tolerance: floats within 1e-4 relative (the two ranks' halves of a sum are added in another order), counts
+    and texts equal. Stopped by SIGINT to rank 1 alone, while that rank waits at step 2's rollout (so the signal
+    lands before the run can end): both ranks finish step 2, save, exit 0; resumed, it writes exactly the lines of
+    the uninterrupted 2-rank run."""
+    steps = ["--steps", "4", "--save-every", "100"]
+    command = [sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "full", *steps)]
+    Processes(command, world=2).finish()
+    full = {name: read_jsonl(tmp_path / "full" / f"{name}.jsonl") for name in ("metrics", "samples", "eval")}
+    assert [m["step"] for m in full["metrics"]] == list(range(4)) and all(m["world_size"] == 2 for m in
+                                                                         full["metrics"])
+    assert [e["step"] for e in full["eval"]] == [0, 2, 4]
+    assert all(m["response_tokens"] >= 8 for m in full["metrics"])  # 8 responses of the step, each counted once
+
+    one = apo.train(apo.parse_args(run_args(tmp_path / "one", *steps)))  # the same run on one process
+    for name in ("metrics", "samples", "eval"):
+        assert_close_rows(read_jsonl(one / f"{name}.jsonl"), full[name])
+    assert len({m["kl"] for m in full["metrics"]}) > 1 and full["metrics"][-1]["kl"] > 0  # the runs did move
+
+    marker = tmp_path / "rank-1-waits"
+    cut = Processes([sys.executable, str(PAUSED), "2", "1", str(marker), str(REPO / "apo.py"),
+                     *run_args(tmp_path / "cut", *steps)], world=2)
+    wait_for(marker, cut)
+    cut.procs[1].send_signal(signal.SIGINT)
+    outputs = cut.finish()
     assert "stopped by signal to another process" in outputs[0]
     saved = sorted((tmp_path / "cut").glob("checkpoint-*"))
-    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 6
+    assert [p.name for p in saved] == ["checkpoint-000003"]  # step 2 finished, then the stop
     assert len(torch.load(saved[0] / "trainer_state.pt", weights_only=True)["rng"]) == 2  # RNG streams per rank
 
-    finish(start(command(tmp_path / "cut") + ["--resume"]))
+    Processes([sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "cut", *steps), "--resume"],
+              world=2).finish()
     for name in ("metrics", "eval"):
-        assert strip(read_jsonl(tmp_path / "cut" / f"{name}.jsonl")) == strip(read_jsonl(tmp_path / "full" /
-                                                                                          f"{name}.jsonl")), name
-    assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == read_jsonl(tmp_path / "full" / "samples.jsonl")
+        assert strip(read_jsonl(tmp_path / "cut" / f"{name}.jsonl")) == strip(full[name]), name
+    assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == full["samples"]
 
 
 def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_model, tmp_path):
     steps = ["--steps", "2", "--save-every", "1", "--fsdp"]
     command = [sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "run", *steps)]
-    finish(start(command))
+    Processes(command, world=2).finish()
     run = tmp_path / "run"
     assert (run / "checkpoint-000001" / "sharded" / ".metadata").exists()
     assert not (run / "checkpoint-000001" / "model.safetensors").exists()  # the weights are in sharded/
@@ -176,14 +182,15 @@ def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_mode
     import shutil
     shutil.rmtree(run / "final")  # as if killed before the end: the resume starts from checkpoint-000001's shards
     shutil.rmtree(run / "checkpoint-000002")
-    finish(start(command + ["--resume"]))
+    Processes(command + ["--resume"], world=2).finish()
     assert strip(read_jsonl(run / "metrics.jsonl")) == strip(first)
     again, _ = apo.load_model(str(run / "final"), torch.float32, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), final.state_dict().values()))
 
 
 def test_prompts_that_do_not_split_evenly_are_a_clear_error(toy_model, tmp_path):
-    processes = start([sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "run", "--prompts-per-step", "3")])
-    outputs = [p.communicate()[0] for p in processes]
-    assert all(p.returncode != 0 for p in processes)
+    processes = Processes([sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "run", "--prompts-per-step",
+                                                                          "3")], world=2)
+    outputs = processes.finish(check=False)
+    assert all(p.returncode != 0 for p in processes.procs)
     assert all("must divide by the number of processes (2)" in o for o in outputs)

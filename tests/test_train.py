@@ -1,10 +1,7 @@
 """The training loop on a tiny Qwen2.5-VL: the update, checkpoints, the run folder, bad input, faults and resumes."""
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +9,10 @@ import torch
 
 import apo
 import rollout
-from conftest import png_bytes, write_hub_layout
+import toy
+from conftest import REPO, Processes, png_bytes, wait_for, write_hub_layout
 
-REPO = Path(__file__).resolve().parents[1]
+PAUSED = Path(__file__).resolve().parent / "paused_run.py"
 TIMING_KEYS = {"seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update"}
 
 
@@ -83,19 +81,25 @@ def test_non_finite_update_is_skipped(policy):
 
 def test_checkpoint_reloads_with_identical_outputs(policy, tmp_path):
     model, processor = policy
+    norm = model.model.language_model.norm.weight
+    saved = norm.detach().clone()
     with torch.no_grad():
-        model.model.language_model.norm.weight.mul_(1.5)  # not the initial weights: the reload must carry them
-    apo.save_checkpoint(tmp_path, "checkpoint-000001", model, processor, {"state": {"step": 1}})
-    assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "checkpoint-000001" / "model.safetensors").exists()
-    reloaded, reprocessor = apo.load_model(str(tmp_path / "checkpoint-000001"), torch.float32, torch.device("cpu"))
-    from PIL import Image
-    inputs = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
-    again = rollout.encode_prompts(reprocessor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
-    assert all(torch.equal(inputs[k], again[k]) for k in inputs)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
-    with torch.no_grad():
-        model.model.language_model.norm.weight.div_(1.5)
+        norm.mul_(1.5)  # not the initial weights: the reload must carry them
+    try:
+        apo.save_checkpoint(tmp_path, "checkpoint-000001", model, processor, {"state": {"step": 1}})
+        assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "checkpoint-000001" / "model.safetensors").exists()
+        reloaded, reprocessor = apo.load_model(str(tmp_path / "checkpoint-000001"), torch.float32,
+                                               torch.device("cpu"))
+        from PIL import Image
+        inputs = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
+        again = rollout.encode_prompts(reprocessor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
+        assert all(torch.equal(inputs[k], again[k]) for k in inputs)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+            assert not torch.equal(reloaded.model.language_model.norm.weight, saved)
+    finally:  # the model is shared by this module's tests: put it back, pass or fail
+        with torch.no_grad():
+            norm.copy_(saved)
 
 
 def test_keep_last_and_atomic_final(policy, tmp_path):
@@ -104,9 +108,12 @@ def test_keep_last_and_atomic_final(policy, tmp_path):
         apo.save_checkpoint(tmp_path, f"checkpoint-{step:06d}", model, processor, {"state": {"step": step}},
                             keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
-    # a save killed halfway leaves only a hidden temporary folder: the last complete checkpoint is still whole
+    # a save killed halfway leaves only a hidden temporary folder (here with a state that claims step 4): a resume
+    # takes the last complete checkpoint, whole
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*"))[-1] == "checkpoint-000003"
+    (tmp_path / ".tmp-checkpoint-000004" / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    assert apo.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-000003"
+    assert (tmp_path / "checkpoint-000003" / "model.safetensors").exists()
     apo.save_checkpoint(tmp_path, "final", model, processor)
     apo.save_checkpoint(tmp_path, "final", model, processor)  # rewriting final/ replaces it whole
     assert (tmp_path / "final" / "config.json").exists() and not list(tmp_path.glob(".old-*"))
@@ -156,51 +163,92 @@ def test_repeated_non_finite_updates_stop_after_a_checkpoint(tiny_model_dir, toy
     assert (tmp_path / "run" / "checkpoint-000003" / "trainer_state.pt").exists()
 
 
-def wait_for_a_step(process, metrics_file):
-    """Until the run has logged a step. No clock: a loaded machine only makes the wait longer (the process
-    exiting first is a failure, reported with its output)."""
-    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1):
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        time.sleep(0.05)
+def toy_args(data, out, *extra):
+    """A run on the toy's starting model (rewards differ within groups: every update moves the weights and the Adam
+    moments), 2 optimizer steps per rollout."""
+    return ["--model", "toy", "--data", str(data), "--out", str(out), "--prompts-per-step", "2", "--group-size",
+            "4", "--max-new-tokens", "20", "--mini-batch-size", "4", "--micro-batch-size", "3", "--log-samples", "1",
+            "--eval-every", "0", "--lr", "1e-3", *extra]
 
 
-def test_sigint_then_resume_reproduces_an_uninterrupted_run(tiny_model_dir, toy_geo_dir, tmp_path):
-    """Same seed, same command: a run stopped by SIGINT and resumed writes exactly the metrics of one that never
-    stopped (timings aside) — weights, optimizer, schedule, RNG streams and data position all come back."""
-    steps = ["--steps", "5", "--save-every", "100", "--no-shuffle"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    full = apo.train(apo.parse_args(tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "full", *steps)))
+def final_state(out: Path) -> tuple:
+    """The weights of out/final and its optimizer state (Adam moments, step counts) and rounding generator."""
+    from safetensors.torch import load_file
+    saved = torch.load(out / "final" / "trainer_state.pt", weights_only=True)
+    return load_file(out / "final" / "model.safetensors"), saved["optimizer"]["state"], saved["rng"][0]["rounding"]
 
-    command = [sys.executable, str(REPO / "apo.py"), *tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "cut", *steps)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_a_step(process, tmp_path / "cut" / "metrics.jsonl")
-    process.send_signal(signal.SIGINT)
-    output = process.communicate()[0]
-    assert process.returncode == 0, output
+
+def assert_same_state(a: tuple, b: tuple):
+    (weights_a, moments_a, rounding_a), (weights_b, moments_b, rounding_b) = a, b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert moments_a.keys() == moments_b.keys()
+    for k in moments_a:
+        assert moments_a[k]["step"] == moments_b[k]["step"]
+        assert torch.equal(moments_a[k]["exp_avg"], moments_b[k]["exp_avg"]), k
+        assert torch.equal(moments_a[k]["exp_avg_sq"], moments_b[k]["exp_avg_sq"]), k
+    assert torch.equal(rounding_a, rounding_b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupted_one(toy_dir, tmp_path, dtype):
+    """4 steps, checkpoints every 2. Resumed from checkpoint-000002 (final/ and checkpoint-000004 removed, as if
+    killed after step 2), the run ends with the weights, Adam moments and rounding generator of the uninterrupted
+    run, bit for bit, in fp32 and in bf16 (where the stochastic rounding draws from the optimizer's generator),
+    and writes the same metrics and samples."""
+    args = toy_args(toy_dir, tmp_path / "run", "--steps", "4", "--save-every", "2", "--dtype", dtype)
+    out = apo.train(apo.parse_args(args))
+    uninterrupted = final_state(out)
+    logs = {name: read_jsonl(out / f"{name}.jsonl") for name in ("metrics", "samples")}
+    start, _ = apo.load_model("toy", getattr(torch, dtype), torch.device("cpu"))
+    end, _ = apo.load_model(str(out / "final"), getattr(torch, dtype), torch.device("cpu"))
+    moved = [n for (n, a), b in zip(start.named_parameters(), end.parameters()) if not torch.equal(a, b)]
+    assert len(moved) > 0.9 * len(list(start.parameters()))  # the weights moved, and the moments are not zero
+    assert all(m["exp_avg"].abs().sum() > 0 for m in uninterrupted[1].values())
+
+    import shutil
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-000004")
+    apo.train(apo.parse_args(args + ["--resume"]))
+    assert_same_state(final_state(out), uninterrupted)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(logs["metrics"])
+    assert read_jsonl(out / "samples.jsonl") == logs["samples"]
+
+
+def test_sigint_then_resume_reproduces_an_uninterrupted_run(toy_dir, tmp_path):
+    """Same seed, same command: a run stopped by SIGINT, then resumed, writes exactly the metrics and samples of
+    one that never stopped (timings aside) and ends with its weights and Adam moments. The signal comes while the
+    run waits before step 2's rollout (tests/paused_run.py), so it always lands before the run could end."""
+    steps = ["--steps", "4", "--save-every", "100"]
+    full = apo.train(apo.parse_args(toy_args(toy_dir, tmp_path / "full", *steps)))
+
+    marker = tmp_path / "waiting"
+    cut = Processes([sys.executable, str(PAUSED), "2", "0", str(marker), str(REPO / "apo.py"),
+                     *toy_args(toy_dir, tmp_path / "cut", *steps)])
+    wait_for(marker, cut)
+    cut.procs[0].send_signal(signal.SIGINT)
+    output = cut.finish()[0]
     assert "stopped by signal" in output
-    saved = sorted((tmp_path / "cut").glob("checkpoint-*"))
-    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 5
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-000003"]  # after step 2
 
-    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    Processes([sys.executable, str(REPO / "apo.py"), *toy_args(toy_dir, tmp_path / "cut", *steps),
+               "--resume"]).finish()
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     assert strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
     assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == read_jsonl(full / "samples.jsonl")
+    assert_same_state(final_state(tmp_path / "cut"), final_state(full))
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, toy_geo_dir, tmp_path):
-    command = [sys.executable, str(REPO / "apo.py"),
-               *tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "run", "--steps", "50", "--save-every", "100")]
-    process = subprocess.Popen(command, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    metrics_file = tmp_path / "run" / "metrics.jsonl"
-    wait_for_a_step(process, metrics_file)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate()[0]
-    assert process.returncode == 0 and f"stopped by signal {int(signal.SIGTERM)}" in output, output[-2000:]
-    saved = list((tmp_path / "run").glob("checkpoint-*"))
-    steps_done = len(read_jsonl(metrics_file))
-    assert [p.name for p in saved] == [f"checkpoint-{steps_done:06d}"] and steps_done < 50
+def test_sigterm_saves_and_exits_cleanly(toy_dir, tmp_path):
+    marker = tmp_path / "waiting"
+    run = Processes([sys.executable, str(PAUSED), "1", "0", str(marker), str(REPO / "apo.py"),
+                     *toy_args(toy_dir, tmp_path / "run", "--steps", "50", "--save-every", "100")])
+    wait_for(marker, run)
+    run.procs[0].send_signal(signal.SIGTERM)
+    output = run.finish()[0]
+    assert f"stopped by signal {int(signal.SIGTERM)}" in output, output[-2000:]
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-000002"]
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
 
 
 def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
@@ -210,15 +258,18 @@ def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
     assert apo.resolve_device(apo.parse_args(["--device", "cpu"])) == (torch.device("cpu"), torch.float32)
 
 
-def test_a_finished_run_can_be_extended(tiny_model_dir, toy_geo_dir, tmp_path, capsys):
-    """`--resume` with a larger --steps continues a run that finished: from final/, with its optimizer, RNG streams
-    and data position; the learning rate then follows the schedule of a run planned for the new step count."""
-    args = tiny_args(tiny_model_dir, toy_geo_dir, tmp_path / "run", "--save-every", "100", "--no-shuffle")
+def test_a_finished_run_can_be_extended(toy_dir, tmp_path, capsys):
+    """`--resume` with a larger --steps continues a run that finished: from final/, with its weights, optimizer,
+    RNG streams and data position; the learning rate then follows the schedule of a run planned for the new step
+    count."""
+    args = toy_args(toy_dir, tmp_path / "run", "--save-every", "100", "--no-shuffle")
     out = apo.train(apo.parse_args(args + ["--steps", "2"]))
     assert not list(out.glob("checkpoint-*"))  # only final/: the case that could not be resumed
     assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 2
+    after_two = final_state(out)
     apo.train(apo.parse_args(args + ["--steps", "2", "--resume"]))  # nothing left to do: said, nothing rewritten
     assert "nothing to do" in capsys.readouterr().out and len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert_same_state(final_state(out), after_two)
 
     apo.train(apo.parse_args(args + ["--steps", "4", "--resume"]))
     assert "the learning rate follows the 4-step schedule" in capsys.readouterr().out
@@ -228,10 +279,16 @@ def test_a_finished_run_can_be_extended(tiny_model_dir, toy_geo_dir, tmp_path, c
     for m in metrics[2:]:
         assert m["lr"] == apo.cosine_schedule(2 * m["step"] + 1, 4 * 2, 0.03, 1e-3, 1e-7)
     assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 4
-    # it read on in the data where the first run stopped (2 prompts a step over the six usable rows, in file order;
-    # samples.jsonl holds each step's first prompt): rows 0, 2, then 4 and, in the second pass, 0 again
+    # Adam went on from the finished run's moments: 4 more optimizer steps on top of its 4
+    weights, moments, _ = final_state(out)
+    assert {m["step"] for m in moments.values()} == {8}
+    assert {m["step"] for m in after_two[1].values()} == {4}
+    assert any(not torch.equal(weights[k], after_two[0][k]) for k in weights)
+    # it read on in the data where the first run stopped (2 prompts a step, file order; samples.jsonl holds each
+    # step's first prompt): rows 0, 2, then 4 and 6
     samples = read_jsonl(out / "samples.jsonl")
-    assert [s["answer"] for s in samples] == ["0", "2", "4", "0"]
+    answers = [r["answer"] for r in toy.toy_rows("train", seed=0)]
+    assert [s["answer"] for s in samples] == [answers[0], answers[2], answers[4], answers[6]]
 
 
 def test_held_out_evaluation_during_training(tiny_model_dir, geo3k_dir, tmp_path):

@@ -1,0 +1,278 @@
+"""The loop's wiring, through what a run does: a real step of `apo.train` on the toy's starting model (it writes the
+format and guesses letters, so rewards differ within groups and every update moves the weights) gives the gradient
+of the APO loss written out here term by term, from the step's own responses; the clip binds where it should; the
+held-out evaluations are greedy. The math functions are tested by hand in test_apo_math.py; these tests catch
+what wires them together: a term left out, a wrong flag passed on, a stale log-prob."""
+import json
+import math
+
+import pytest
+import torch
+
+import apo
+import eval as evaluate
+import reward
+import rollout
+import toy
+
+
+
+def loop_args(data, out, *extra):
+    return ["--model", "toy", "--data", str(data), "--out", str(out), "--no-shuffle", "--eval-every", "0",
+            "--save-every", "1000", "--log-samples", "1", "--max-new-tokens", "24", *extra]
+
+
+class Spy:
+    """Records, without changing them, what a run's step is made of: each rollout batch, each optimizer step's
+    gradients and the weights it started from, and the responses of each mini-batch."""
+
+    def __init__(self, monkeypatch):
+        self.rollouts, self.steps, self.minibatch_rows = [], [], []
+        sample, step, gradients = rollout.sample_responses, apo.AdamW.step, apo.minibatch_gradients
+
+        def sample_responses(*args, **kwargs):
+            batch = sample(*args, **kwargs)
+            self.rollouts.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+            return batch
+
+        def optimizer_step(optimizer, *args, **kwargs):
+            params = optimizer.param_groups[0]["params"]
+            self.steps.append({"grads": [p.grad.detach().clone() for p in params],
+                               "weights": [p.detach().clone() for p in params]})
+            return step(optimizer, *args, **kwargs)
+
+        def minibatch_gradients(model, batch, rows, args):
+            self.minibatch_rows.append(list(rows))
+            return gradients(model, batch, rows, args)
+
+        monkeypatch.setattr(rollout, "sample_responses", sample_responses)
+        monkeypatch.setattr(apo.AdamW, "step", optimizer_step)
+        monkeypatch.setattr(apo, "minibatch_gradients", minibatch_gradients)
+
+
+def model_with(weights: list):
+    """The toy's starting model with `weights` (in model.parameters() order, as the optimizer holds them)."""
+    model, _ = apo.load_model("toy", torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    return model
+
+
+def naive_logprobs(model, batch, rows, temperature) -> list:
+    """Per response of `rows`: log π(o_t | prefix) at `temperature` from the model's full logits, one response at a
+    time (an independent route: no chunks, no hidden states, no micro-batches). A list of [|o_i|] tensors."""
+    out = []
+    for i in rows:
+        one = rollout.select(batch, [i])
+        logits = model(**{k: one[k] for k in rollout.MODEL_INPUTS}).logits[0]            # [P + T, V]
+        n, P = int(batch["lengths"][i]), batch["prompt_len"]
+        targets = one["input_ids"][0, P:P + n]
+        out.append((logits[P - 1:P - 1 + n] / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0])
+    return out
+
+
+def apo_terms(texts, lengths, golds, G, stcr_base, dads=True, stcr=True, correct_by=None):
+    """Â and κ of every response, worked out with plain Python from the formulas (APO_SPEC §2-§5)."""
+    acc = [reward.accuracy_reward(t, g) for t, g in zip(texts, golds)]
+    r = [a + reward.format_reward(t) for a, t in zip(acc, texts)]
+    correct = [c > 0 for c in (correct_by or acc)]
+    advantages, kappas = [], []
+    for g in range(len(texts) // G):
+        idx = range(g * G, (g + 1) * G)
+        mean = sum(r[i] for i in idx) / G
+        std = math.sqrt(sum((r[i] - mean) ** 2 for i in idx) / (G - 1))
+        k = sum(correct[i] for i in idx)
+        L_plus = sum(lengths[i] for i in idx if correct[i]) / k if k else None
+        d = 1 - k / G
+        f = 1.0 if d in (0, 1) else 1 - math.exp(-math.e * (1 - d))
+        for i in idx:
+            a0 = (r[i] - mean) / (std + 1e-9)
+            delta = lengths[i] - L_plus if L_plus is not None else 0
+            w = 1 - stcr_base ** -delta if stcr and not correct[i] and k and delta > 0 else 0.0
+            advantages.append((1 + w) * a0)
+            kappas.append(f if dads and advantages[-1] > 0 else 1.0)
+    return advantages, kappas, acc, r
+
+
+def hand_gradient(weights, batch, rows, old_weights, advantages, kappas, args, policy_temperature=None):
+    """∇ of L = L_pg + β·L_kl over the responses `rows` (APO_SPEC §6-§7), L_pg the token mean of
+    −min(ρÂ, clip(ρ, 1±ε)Â) with ρ = π_θ/π_old, L_kl the mean over responses of κ·(token mean of k3).
+    Returns (gradients in parameter order, the share of tokens where the clip binds). `policy_temperature`:
+    ℓ_θ alone at another temperature (a fault to show that the test would see it)."""
+    policy = model_with(weights)
+    logp = naive_logprobs(policy, batch, rows, policy_temperature or args.temperature)
+    with torch.no_grad():
+        old = naive_logprobs(model_with(old_weights), batch, rows, args.temperature)
+        ref = naive_logprobs(model_with(STARTING), batch, rows, args.temperature)
+    n_tokens = sum(len(x) for x in logp)
+    pg, kl, clipped = 0.0, 0.0, 0
+    for lp, lo, lr, i in zip(logp, old, ref, rows):
+        ratio, a = (lp - lo).exp(), advantages[i]
+        pg = pg - torch.minimum(ratio * a, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * a).sum() / n_tokens
+        clipped += int(((ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * a) < ratio * a).sum())
+        k3 = (lr - lp).exp() - (lr - lp) - 1
+        kl = kl + kappas[i] * k3.mean() / len(rows)
+    (pg + args.kl_beta * kl).backward()
+    return [p.grad for p in policy.parameters()], clipped / n_tokens
+
+
+STARTING = None  # the starting model's weights, set by the fixture below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def starting_weights():
+    global STARTING
+    model, _ = apo.load_model("toy", torch.float32, torch.device("cpu"))
+    STARTING = [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same_gradient(got: list, expected: list):
+    scale = max(g.abs().max().item() for g in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5 * scale)
+
+
+def gradient_distance(a: list, b: list) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b)) / max(x.abs().max().item() for x in b)
+
+
+@pytest.mark.parametrize("method", ["apo", "grpo"])
+def test_a_step_gives_the_gradient_of_the_apo_loss_written_out(toy_dir, tmp_path, monkeypatch, method):
+    """The second step of a run (the policy has moved, so the KL term pulls) at temperature 1.3, β = 0.5 and an
+    STCR base of 1.5 (so that 1 + w is far from 1): the gradient the optimizer receives is that of the loss written
+    out from the step's own responses, golds and the formulas. In this batch κ < 1 and 1 + w > 1 for some
+    responses, and some wrong ones carry a format reward, so leaving out DADS or STCR, counting a response correct
+    by its reward, or scoring the log-probs at temperature 1 all give another gradient (checked below)."""
+    spy = Spy(monkeypatch)
+    flags = ["--prompts-per-step", "6", "--group-size", "8", "--mini-batch-size", "48", "--micro-batch-size", "5",
+             "--temperature", "1.3", "--kl-beta", "0.5", "--stcr-base", "1.5", "--grad-clip", "1e9", "--lr", "1e-3",
+             "--steps", "2"] + (["--no-dads", "--no-stcr"] if method == "grpo" else [])
+    args = apo.parse_args(loop_args(toy_dir, tmp_path / "run", *flags))
+    apo.train(args)
+    assert len(spy.steps) == 2  # one optimizer step per rollout: on-policy, ℓ_old = ℓ_θ
+    batch, step = spy.rollouts[1], spy.steps[1]
+    golds = [r["answer"] for r in toy.toy_rows("train", seed=0)[6:12] for _ in range(8)]  # step 1: rows 6-11
+    lengths = batch["lengths"].tolist()
+    rows = list(range(48))
+    is_apo = method == "apo"
+    advantages, kappas, acc, rewards = apo_terms(batch["texts"], lengths, golds, 8, 1.5, is_apo, is_apo)
+    expected, _ = hand_gradient(step["weights"], batch, rows, step["weights"], advantages, kappas, args)
+    assert_same_gradient(step["grads"], expected)
+    print(f"\n{method}: gradient off by {gradient_distance(step['grads'], expected):.1e} of its largest entry")
+
+    if is_apo:  # the batch is one where each wiring fault changes the gradient
+        plain_adv, plain_kappa, _, _ = apo_terms(batch["texts"], lengths, golds, 8, 1.5, False, False)
+        assert min(kappas) < 0.9 and max(a / b for a, b in zip(advantages, plain_adv) if b) > 1.05
+        by_reward, by_reward_kappa, _, _ = apo_terms(batch["texts"], lengths, golds, 8, 1.5,
+                                                     correct_by=[x > 0 for x in rewards])
+        for wrong_adv, wrong_kappa in ((plain_adv, kappas), (advantages, plain_kappa),
+                                       (by_reward, by_reward_kappa)):
+            other, _ = hand_gradient(step["weights"], batch, rows, step["weights"], wrong_adv, wrong_kappa, args)
+            assert gradient_distance(other, expected) > 1e-3  # (the loop agrees with `expected` to ~1e-6)
+        other, _ = hand_gradient(step["weights"], batch, rows, step["weights"], advantages, kappas, args, 1.0)
+        assert gradient_distance(other, expected) > 1e-3
+
+
+def test_off_policy_steps_use_the_rollout_time_policy_and_the_clip_binds(toy_dir, tmp_path, monkeypatch):
+    """32 responses in 4 mini-batches of 8, lr 0.01: after the first optimizer step the policy has moved, so ρ =
+    π_θ/π_old ≠ 1 and the clip binds on some tokens. Each step's gradient is that of the loss written out with
+    ℓ_old from the weights that sampled the rollout (not the current ones: that would make ρ = 1)."""
+    spy = Spy(monkeypatch)
+    args = apo.parse_args(loop_args(toy_dir, tmp_path / "run", "--prompts-per-step", "4", "--group-size", "8",
+                                    "--mini-batch-size", "8", "--micro-batch-size", "3", "--lr", "1e-2",
+                                    "--kl-beta", "0.1", "--grad-clip", "1e9", "--steps", "1"))
+    apo.train(args)
+    batch, steps = spy.rollouts[0], spy.steps
+    assert len(steps) == 4 and sorted(sum(spy.minibatch_rows, [])) == list(range(32))
+    golds = [r["answer"] for r in toy.toy_rows("train", seed=0)[:4] for _ in range(8)]
+    advantages, kappas, _, _ = apo_terms(batch["texts"], batch["lengths"].tolist(), golds, 8, args.stcr_base)
+    rollout_weights = steps[0]["weights"]
+    clipped_shares = []
+    for step, rows in zip(steps, spy.minibatch_rows):
+        expected, clipped = hand_gradient(step["weights"], batch, rows, rollout_weights, advantages, kappas, args)
+        assert_same_gradient(step["grads"], expected)
+        clipped_shares.append(clipped)
+    assert clipped_shares[0] == 0 and max(clipped_shares[1:]) > 0.02, clipped_shares
+    # ℓ_old taken from the current weights would have given another gradient
+    stale, _ = hand_gradient(steps[3]["weights"], batch, spy.minibatch_rows[3], steps[3]["weights"], advantages,
+                             kappas, args)
+    assert gradient_distance(stale, hand_gradient(steps[3]["weights"], batch, spy.minibatch_rows[3],
+                                                  rollout_weights, advantages, kappas, args)[0]) > 1e-3
+
+
+def test_the_on_policy_shortcut_gives_the_gradient_of_a_separate_pass(toy_dir, tmp_path, monkeypatch):
+    """One mini-batch per rollout: ℓ_old is ℓ_θ itself, detached (no forward pass for it). The gradient equals the
+    one from ℓ_old computed by a separate pass over the same weights, as with several mini-batches."""
+    spy = Spy(monkeypatch)
+    args = apo.parse_args(loop_args(toy_dir, tmp_path / "run", "--prompts-per-step", "2", "--group-size", "8",
+                                    "--mini-batch-size", "16", "--micro-batch-size", "16", "--steps", "1"))
+    apo.train(args)
+    batch = dict(spy.rollouts[0])
+    model = model_with(spy.steps[0]["weights"])
+    grads = []
+    for old_logp in (None, rollout.batched_logprobs(model, batch, args.temperature, 4)[0]):
+        copy = model_with(spy.steps[0]["weights"])
+        one = {**batch, "ref_logp": rollout.batched_logprobs(model_with(STARTING), batch, args.temperature, 4)[0]}
+        golds = [r["answer"] for r in toy.toy_rows("train", seed=0)[:2] for _ in range(8)]
+        advantages, kappas, _, _ = apo_terms(batch["texts"], batch["lengths"].tolist(), golds, 8, args.stcr_base)
+        one.update(advantages=torch.tensor(advantages), kl_weights=torch.tensor(kappas))
+        if old_logp is not None:
+            one["old_logp"] = old_logp
+        copy.zero_grad()
+        apo.minibatch_gradients(copy, one, list(range(16)), args)
+        grads.append([p.grad.clone() for p in copy.parameters()])
+    assert_same_gradient(grads[0], grads[1])
+    assert_same_gradient(spy.steps[0]["grads"], grads[1])
+
+
+def greedy_by_hand(model, processor, examples, max_new_tokens) -> list:
+    """Greedy answers decoded one token at a time from the model's full logits (no cache, no generate): at each
+    position the likeliest token that is not a vision token, up to an end-of-turn token or the limit."""
+    tok = processor.tokenizer
+    ends = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    banned = tok.convert_tokens_to_ids(rollout.VISION_TOKENS)
+    texts = []
+    for e in examples:
+        prompt = rollout.encode_prompts(processor, [e["images"]], [e["problem"]], 28 * 28, toy.IMAGE_SIZE ** 2)
+        ids, out = prompt["input_ids"], []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"],
+                                                            torch.zeros(1, len(out), dtype=torch.long)], 1),
+                               pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits
+                logits[0, -1, banned] = -torch.inf
+                token = int(logits[0, -1].argmax())
+                if token in ends:
+                    break
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        texts.append(tok.decode(out, skip_special_tokens=True))
+    return texts
+
+
+def test_held_out_evaluations_are_greedy_in_training_and_in_eval(toy_dir, tmp_path):
+    """The starting model's greedy answers to the 16 held-out problems, decoded by hand: the run's step-0
+    evaluation reports their accuracy, format rate and length, and eval.py writes exactly those responses. (Sampled
+    at T = 1, this model breaks its format about one time in eight: a sampling evaluation would not match.)"""
+    model, processor = apo.load_model("toy", torch.float32, torch.device("cpu"))
+    table, base = apo.load_table(apo.parse_args(["--data", str(toy_dir), "--split", "test"]))
+    examples = [apo.prepare_example(table[i], apo.parse_args(["--data", str(toy_dir)]), base) for i in range(16)]
+    texts = greedy_by_hand(model, processor, examples, 24)
+    correct = [reward.accuracy_reward(t, e["answer"]) for t, e in zip(texts, examples)]
+    assert 0 < sum(correct) < 16  # the model guesses: some right, some wrong
+
+    out = apo.train(apo.parse_args(loop_args(toy_dir, tmp_path / "run", "--eval-every", "1", "--steps", "1",
+                                             "--prompts-per-step", "2", "--group-size", "4")))
+    step0 = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()][0]
+    assert step0["step"] == 0 and step0["problems"] == 16
+    assert step0["accuracy"] == sum(correct) / 16
+    assert step0["format_rate"] == sum(reward.format_reward(t) > 0 for t in texts) / 16
+    lengths = [len(processor.tokenizer(t)["input_ids"]) + 1 for t in texts]  # + the end-of-turn token
+    assert step0["response_length"] == pytest.approx(sum(lengths) / 16)
+
+    report = evaluate.main(["--model", "toy", "--data", str(toy_dir), "--split", "test", "--max-new-tokens", "24",
+                            "--out", str(tmp_path / "eval.json")])
+    records = report["responses"]["toy"][str(toy_dir)]
+    assert [r["response"] for r in records] == texts
