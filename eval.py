@@ -11,10 +11,12 @@ numbers differ from official ones): each row becomes images, the problem text, a
 (`benchmark_example`); the model answers greedily with the training prompt (`rollout.build_messages`: the images,
 the problem, then "think in <think>, answer in <answer>"); `score` checks the final answer by rules, no LLM judge:
 - letter (multiple choice): the answer's letter (A–I: "B", "(B)", "B.", "B: text", "\\text{B}", "**B**", "The answer
-  is B"), or, with no letter, the one option whose text (or value) it gives;
+  is B"), or, with no letter, the option whose exact (normalized) text it is (right also where options repeat the
+  right one's text), else the one option whose value it gives (none where several share it);
 - number (MathVista integer / float): equal after rounding to the row's precision, units ignored;
 - math (free form): the training reward's reading of the gold (a value, or normalized text when it is not one), or
-  normalized text equality; any of several acceptable golds (MMMU);
+  normalized text equality; any of several acceptable golds (MMMU); a short sentence stating one value ("The length
+  is 14 cm") is read as that value, as in training;
 - the final answer is the <answer> block's (or its \\boxed{…}), else the last \\boxed{…}; otherwise 0: no random
   guess, no judge.
 """
@@ -175,10 +177,21 @@ def load_examples(name: str, source: str, cfg: apo.Args, limit: int = 0) -> tupl
 
 # ---------------------------------------------------------------------------------------------------------- score
 def _same_option(answer: str, option: str) -> bool:
-    """An answer that gives an option's text, or its value (the option read as a gold is)."""
+    """An answer that gives an option's value (the option read as a gold is)."""
     gold = reward.parse_gold(option)
-    return reward.plain_text(answer) == reward.plain_text(option) or gold is not None and gold.kind != "letter" and \
-        reward.answer_matches(answer, gold)
+    return gold is not None and gold.kind != "letter" and reward.answer_matches(answer, gold)
+
+
+def _chosen(answer: str, options: list) -> list:
+    """The options an answer without a letter names: all those whose exact (normalized) text it is (options may repeat
+    a text: 9, 12, 18, 18), else the one whose value it gives; none where several share that value (0.0 - 0.2 and
+    0.2 - 0.4 both read as -0.2: only their texts tell them apart, hence text first)."""
+    text = reward.plain_text(answer)
+    by_text = [i for i, option in enumerate(options) if reward.plain_text(option) == text]
+    if by_text:
+        return by_text
+    by_value = [i for i, option in enumerate(options) if _same_option(answer, option)]
+    return by_value if len(by_value) == 1 else []
 
 
 def _is_right(example: dict, response: str) -> bool:
@@ -190,8 +203,7 @@ def _is_right(example: dict, response: str) -> bool:
         letter = reward.letter_of(answer)
         if letter:
             return letter == golds[0]
-        chosen = [i for i, option in enumerate(example["choices"] or []) if _same_option(answer, option)]
-        return chosen == [ord(golds[0]) - 65]
+        return ord(golds[0]) - 65 in _chosen(answer, example["choices"] or [])
     if example["kind"] == "number":  # units ignored: math-verify drops the ones it knows, and here what follows
         for text in (answer, re.sub(r"(?<=[\d}])\s*[^\d\s{}][^\d{}]*$", "", answer)):  # the number ("1.25 J")
             value = reward.math_value(text)

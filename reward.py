@@ -6,18 +6,21 @@
 The gold decides how an answer is checked (`parse_gold`, APO_SPEC §1 Decisions):
 - a letter A–I ("D", "(D)"): a multiple-choice gold, compared as a letter, exactly;
 - one mathematical value (a number, an expression, a set, a tuple, an interval, a matrix, an equation): math-verify's
-  `verify`, after both sides are read whole as LaTeX;
+  `verify`, after both sides are read whole as LaTeX. A relation needs a relation (a + b = 90 is not 90), unless its
+  left side names one quantity (k = 1, (p, q) = (3, 2), |AB| = 1, f(x) = 1): then the bare value states it;
 - anything else with words or relations that LaTeX cannot hold ("not enough information",
-  "\\angle 1 \\cong \\angle 4"): normalized text, exactly. Such a gold is never read as a number, so no number can
-  collide with it.
+  "\\angle 1 \\cong \\angle 4"), or that reads as no value (12:00 as 12/0): normalized text, exactly. Such a gold is
+  never read as a number, so no number can collide with it.
 A gold that is none of these is a data error, not a success: parse_gold gives None, and the training loop reports
 and skips the row (the authors' code gives reward 1.0).
 
 Answers are read the way models write them: unicode math (√3, 2√2/5, 8π, 3×10², 70°, −5, ½) is turned into LaTeX
-first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount. The rule that keeps this safe: an answer
-is read whole or not at all. math-verify, when LaTeX fails, picks a number out of the text ("5√2" -> 5,
-"angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding a symbol this code does not
-translate. No wrong answer scores 1 because a symbol was dropped.
+first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount, "28 percent" 28\\%, and a short sentence
+that states one value is read as that value ("The length is 5√3", "So x = 15.", "Area: 24 cm²"; see _COPULA).
+The rule that keeps this safe: an answer is read whole or not at all. math-verify, when LaTeX fails, picks a number
+out of the text ("5√2" -> 5, "angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding
+a symbol this code does not translate, or a sentence with a number besides its value ("x is 15, so y is 3"). No
+wrong answer scores 1 because a symbol or a word was dropped.
 
 Other decisions: a response without answer tags still gets its last \\boxed{…} checked (accuracy only, never
 format); several \\boxed answers are compared as one set or tuple when the gold is one ("\\boxed{1}, \\boxed{2}"
