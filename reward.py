@@ -180,9 +180,10 @@ _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")  # \t
 
 
 def _has_words(text: str) -> bool:
-    text = re.sub(r"\\(?:begin|end)\s*\{\w+\*?\}|\\[A-Za-z]+", " ", _TEXT.sub(r"\1", text))  # commands dropped
-    return any(w.lower() in _SHORT_WORDS or len(w) > 2 and w.lower() not in _UNITS | _FUNCTIONS
-               for w in _WORDS.findall(text))
+    # commands (\begin{pmatrix} too) and subscripts (S_{MBCN}: a label) dropped
+    text = re.sub(r"\\(?:begin|end)\s*\{\w+\*?\}|\\[A-Za-z]+|_(?:\{[^{}]*\}|\w)", " ", _TEXT.sub(r"\1", text))
+    return any(w.lower() in _SHORT_WORDS and not w.isupper()  # NO, IS: points' names
+               or len(w) > 2 and w.lower() not in _UNITS | _FUNCTIONS for w in _WORDS.findall(text))
 
 
 _ANSWER_PHRASE = re.compile(r"^(?i:(?:the\s+)?(?:final\s+)?answer\s*(?:is\b)?\s*[:=]?)\s*")
