@@ -199,14 +199,15 @@ _UNIT_POWER = re.compile(r"(?<=[\d}\s])([A-Za-z]{2,})\s*(\^\s*\{?\s*[23]\s*\}?)\
 
 # A sentence read as the value it states: a lead-in, a copula, then the value alone ("The length is 5√3", "So x = 15.",
 # "Area: 24 cm²", "∠ABC is 35°"). The lead-in holds words and names but no number, and the value no word, so the
-# value is the sentence's only one: "x is 15, so y is 3" and "5 or 6" state none. "≈", "about", "at least" are no
-# copulas (an approximation or a bound is not the value), and "x is not 5" leaves words after the copula.
+# value is the sentence's only one: "x is 15, so y is 3" and "x is 5 or 6" state none. The value is then read as a
+# bare answer is. "≈", "about", "at least" are no copulas (an approximation or a bound is not the value), and "x is
+# not 5" leaves words after the copula.
 _COPULA = re.compile(r"(?i:\b(?:is|are|was|be|equals)\b(?:\s+equal\s+to\b)?(?:\s*:)?)|=|:")
-# Names a lead-in may hold: \angle 1, \triangle ABC, \overline{AB}, \odot X, x_{1}, x', Greek letters. Their digits
-# are labels, not values; once they are dropped, only letters, spaces and light punctuation may be left.
+# Names a lead-in may hold: \angle 1, \triangle ABC, \overline{AB}, \odot X, x_{1}, x', \sin A, Greek letters. Their
+# digits are labels, not values; once they are dropped, only letters, spaces and light punctuation may be left.
 _NAMES = re.compile(r"\\(?:angle|measuredangle|triangle|odot|overline|widehat|overarc|arc)\s*(?:\{\w*\}|\w*)|"
-                    r"_\{?\w+\}?|'|\\(?i:var)?(?i:alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda|"
-                    r"mu|nu|xi|pi|rho|sigma|tau|upsilon|phi|chi|psi|omega)\b")
+                    r"_\{?\w+\}?|'|\\(?:sin|cos|tan|cot|sec|csc|log|ln)\b|\\(?i:var)?(?i:alpha|beta|gamma|delta|"
+                    r"epsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|pi|rho|sigma|tau|upsilon|phi|chi|psi|omega)\b")
 _LEAD = re.compile(r"[A-Za-z\s,.()|]*")
 # Lead-in words that deny or suppose what follows ("It is not true that x is 5", "If x is 5"): no value stated.
 _NOT_STATED = {"not", "no", "never", "neither", "nor", "none", "if", "unless", "suppose", "assume", "assuming",
@@ -220,7 +221,7 @@ def _stated_value(sentence: str) -> str | None:
     for copula in _COPULA.finditer(sentence):
         lead, value = _NAMES.sub(" ", sentence[:copula.start()]), sentence[copula.end():].strip().rstrip(" .")
         if _LEAD.fullmatch(lead) and not _NOT_STATED & set(re.findall(r"[a-z]+", lead.lower())) and value and \
-                not _has_words(value) and "\\approx" not in value:
+                not _has_words(value):
             return value
     return None
 
