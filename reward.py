@@ -110,9 +110,9 @@ def extract_answer(response: str) -> str | None:
 
 
 # Leading choice letter: "D", "D.", "(D) 80 degrees", "**D**", "\text{D}", "D: 80", "The answer is D", "Option D";
-# not "Done", not "d".
+# not "Done", not "d", not a point given a value ("∠H = 97°" answers MathVista's "Find m∠H" with a value).
 _LETTER = re.compile(r"(?i:(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is\b)?\s*:?\s*)?"
-                     r"[^\w\\]*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?[^\w\\]*([A-I])(?![A-Za-z0-9])")
+                     r"[^\w\\]*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?[^\w\\]*([A-I])(?![A-Za-z0-9]|\s*=)")
 
 
 def letter_of(answer: str) -> str | None:
