@@ -455,6 +455,13 @@ def test_letter_answers_in_a_sentence(pred, expected):
     assert accuracy_reward(R(pred), "B") == expected
 
 
+@pytest.mark.parametrize("pred, expected", [("H", 1.0), ("(H) 97", 1.0), ("H: 97", 1.0), ("H = 97", 0.0), ("∠H = 97°", 0.0),
+                                            ("H=97", 0.0)])
+def test_a_point_given_a_value_is_no_choice_letter(pred, expected):
+    """"∠H = 97°" answers MathVista's "Find m∠H" (pid 5) with a value: read as the letter H, it chose option H."""
+    assert accuracy_reward(R(pred), "H") == expected
+
+
 # Where apo reads differently from math-verify's defaults, on purpose. Each row: gold, prediction, what math-verify's
 # parse/verify (default configs, the answer as a model writes it) says, what apo says, and why.
 MATH_VERIFY_DIFFERENCES = [
