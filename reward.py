@@ -193,9 +193,10 @@ _DELIMITERS = re.compile(r"(?<!\\)\$|(?<!\\)\\[()\[\]]")
 # Percent after a number, as a word or a sign ("28 percent", "28 pct", "28 percentage", "$28$ %"): written as
 # LaTeX's \% (math-verify reads "28\%" as 28/100, but "28  %", spaced, not at all).
 _PERCENT = re.compile(r"(?<=[\d}])\s*(?:(?i:percent(?:age)?|per\s+cent|pct)\b|\\?%)")
-# A unit with a power closing the answer ("24 cm²" -> cm^{2}): math-verify drops "\text{cm}^{2}" but reads a bare
-# cm^{2} as c·m². Units of two letters or more only: a single letter with a power is a variable (5 x², 3 t²).
-_UNIT_POWER = re.compile(r"(?<=[\d}\s])([A-Za-z]{2,})\s*(\^\s*\{?\s*[23]\s*\}?)\s*$")
+# A unit of length with a power closing the answer ("24 cm²", "24 units^2"): math-verify drops "\text{cm}^{2}" but
+# reads a bare cm^{2} as c·m². Named units only, of two letters or more: 5 x², 3 t², 2 ab² are variables.
+_UNIT_POWER = re.compile(r"(?<=[\d}\s])((?i:[cmdk]m|ft|in|inch(?:es)?|yd|yards?|mi|miles?|units?|met(?:er|re)s?|"
+                         r"feet|foot))\s*(\^\s*\{?\s*[23]\s*\}?)\s*$")
 
 # A sentence read as the value it states: a lead-in, a copula, then the value alone ("The length is 5√3", "So x = 15.",
 # "Area: 24 cm²", "∠ABC is 35°"). The lead-in holds words and names but no number, and the value no word, so the
@@ -237,9 +238,7 @@ def _as_latex(text: str) -> str | None:
         text = _stated_value(text)
         if text is None:
             return None
-    unit = _UNIT_POWER.search(text)
-    if unit and unit.group(1).lower() in _UNITS:
-        text = text[:unit.start()] + rf"\text{{{unit.group(1)}}}{unit.group(2)}"
+    text = _UNIT_POWER.sub(r"\\text{\1}\2", text)
     text = re.sub(r"\\!\s*|\\\$", "", text)  # thin negative space (16,\!386), escaped dollar (\$5.50: an amount)
     text = text.replace("!=", r"\ne ")  # x != 3: not a factorial
     text = re.sub(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)", lambda m: m.group().replace(" ", ""), text)  # 1 000
