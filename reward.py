@@ -209,7 +209,7 @@ _COPULA = re.compile(r"(?i:\b(?:is|are|was|be|equals)\b(?:\s+equal\s+to\b)?(?:\s
 _NAMES = re.compile(r"\\(?:angle|measuredangle|triangle|odot|overline|widehat|overarc|arc)\s*(?:\{\w*\}|\w*)|"
                     r"_\{?\w+\}?|'|\\(?:sin|cos|tan|cot|sec|csc|log|ln)\b|\\(?i:var)?(?i:alpha|beta|gamma|delta|"
                     r"epsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|pi|rho|sigma|tau|upsilon|phi|chi|psi|omega)\b")
-_LEAD = re.compile(r"[A-Za-z\s,.()|]*")
+_LEAD = re.compile(r"[A-Za-z\s,.()|]*")  # a lead-in once its names are dropped: words, no digit, no operator
 # Lead-in words that deny or suppose what follows ("It is not true that x is 5", "If x is 5"): no value stated.
 _NOT_STATED = {"not", "no", "never", "neither", "nor", "none", "if", "unless", "suppose", "assume", "assuming",
                "without", "except", "than", "wrong", "incorrect", "false", "cannot"}
