@@ -11,12 +11,15 @@ numbers differ from official ones): each row becomes images, the problem text, a
 (`benchmark_example`); the model answers greedily with the training prompt (`rollout.build_messages`: the images,
 the problem, then "think in <think>, answer in <answer>"); `score` checks the final answer by rules, no LLM judge:
 - letter (multiple choice): the answer's letter (A–I: "B", "(B)", "B.", "B: text", "\\text{B}", "**B**", "The answer
-  is B"), or, with no letter, the one option whose text (or value) it gives;
-- number (MathVista integer / float): equal after rounding to the row's precision, units ignored;
+  is B"), or, with no letter, the option whose exact (normalized) text it is, else the one option whose value it
+  gives (none where several share it); where options repeat the right one's text, each of them is right;
+- number (MathVista integer / float): equal after rounding to the row's precision, units ignored ("W = 1.2": its
+  right side);
 - math (free form): the training reward's reading of the gold (a value, or normalized text when it is not one), or
   normalized text equality; any of several acceptable golds (MMMU);
 - the final answer is the <answer> block's (or its \\boxed{…}), else the last \\boxed{…}; otherwise 0: no random
-  guess, no judge.
+  guess, no judge. A short sentence that states one value ("The length is 14 cm") is read as that value, in every
+  kind, as in training (reward.py).
 """
 
 import argparse
@@ -175,10 +178,19 @@ def load_examples(name: str, source: str, cfg: apo.Args, limit: int = 0) -> tupl
 
 # ---------------------------------------------------------------------------------------------------------- score
 def _same_option(answer: str, option: str) -> bool:
-    """An answer that gives an option's text, or its value (the option read as a gold is)."""
+    """An answer that gives an option's value (the option read as a gold is)."""
     gold = reward.parse_gold(option)
-    return reward.plain_text(answer) == reward.plain_text(option) or gold is not None and gold.kind != "letter" and \
-        reward.answer_matches(answer, gold)
+    return gold is not None and gold.kind != "letter" and reward.answer_matches(answer, gold)
+
+
+def _chosen(answer: str, options: list) -> list:
+    """The options an answer without a letter names: all those whose exact (normalized) text it is (options may repeat
+    a text: 9, 12, 18, 18), else those whose value it gives, if they are one text; none where different options share
+    that value (0.0 - 0.2 and 0.2 - 0.4 both read as -0.2: only their texts tell them apart, hence text first)."""
+    texts = [reward.plain_text(option) for option in options]
+    chosen = [i for i, text in enumerate(texts) if text == reward.plain_text(answer)] or \
+        [i for i, option in enumerate(options) if _same_option(answer, option)]
+    return chosen if len({texts[i] for i in chosen}) == 1 else []
 
 
 def _is_right(example: dict, response: str) -> bool:
@@ -187,14 +199,17 @@ def _is_right(example: dict, response: str) -> bool:
         return False
     golds = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
     if example["kind"] == "letter":
-        letter = reward.letter_of(answer)
-        if letter:
-            return letter == golds[0]
-        chosen = [i for i, option in enumerate(example["choices"] or []) if _same_option(answer, option)]
-        return chosen == [ord(golds[0]) - 65]
+        options, right, letter = example["choices"] or [], ord(golds[0]) - 65, reward.letter_of(answer)
+        if letter:  # right also when its option repeats the right one's text (MathVista pid 781: 9, 12, 18, 18)
+            i = ord(letter) - 65
+            return i == right or max(i, right) < len(options) and \
+                reward.plain_text(options[i]) == reward.plain_text(options[right])
+        return right in _chosen(answer, options)
     if example["kind"] == "number":  # units ignored: math-verify drops the ones it knows, and here what follows
         for text in (answer, re.sub(r"(?<=[\d}])\s*[^\d\s{}][^\d{}]*$", "", answer)):  # the number ("1.25 J")
             value = reward.math_value(text)
+            if getattr(value, "rel_op", None) == "==":  # "W = 1.2": the value its right side gives, as in training
+                value = value.rhs
             if value is not None and getattr(value, "is_number", False) and value.is_real:
                 digits = example["precision"] or 0
                 return round(float(value), digits) == round(float(golds[0]), digits)

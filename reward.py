@@ -6,18 +6,21 @@
 The gold decides how an answer is checked (`parse_gold`, APO_SPEC §1 Decisions):
 - a letter A–I ("D", "(D)"): a multiple-choice gold, compared as a letter, exactly;
 - one mathematical value (a number, an expression, a set, a tuple, an interval, a matrix, an equation): math-verify's
-  `verify`, after both sides are read whole as LaTeX;
+  `verify`, after both sides are read whole as LaTeX. A relation needs a relation (a + b = 90 is not 90), unless its
+  left side names one quantity (k = 1, (p, q) = (3, 2), |AB| = 1, f(x) = 1): then the bare value states it;
 - anything else with words or relations that LaTeX cannot hold ("not enough information",
-  "\\angle 1 \\cong \\angle 4"): normalized text, exactly. Such a gold is never read as a number, so no number can
-  collide with it.
+  "\\angle 1 \\cong \\angle 4"), or that reads as no value (12:00 as 12/0): normalized text, exactly. Such a gold is
+  never read as a number, so no number can collide with it.
 A gold that is none of these is a data error, not a success: parse_gold gives None, and the training loop reports
 and skips the row (the authors' code gives reward 1.0).
 
 Answers are read the way models write them: unicode math (√3, 2√2/5, 8π, 3×10², 70°, −5, ½) is turned into LaTeX
-first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount. The rule that keeps this safe: an answer
-is read whole or not at all. math-verify, when LaTeX fails, picks a number out of the text ("5√2" -> 5,
-"angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding a symbol this code does not
-translate. No wrong answer scores 1 because a symbol was dropped.
+first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount, "28 percent" 28\\%, and a short sentence
+that states one value is read as that value ("The length is 5√3", "So x = 15.", "Area: 24 cm²"; see _COPULA).
+The rule that keeps this safe: an answer is read whole or not at all. math-verify, when LaTeX fails, picks a number
+out of the text ("5√2" -> 5, "angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding
+a symbol this code does not translate, or a sentence with a number besides its value ("x is 15, so y is 3"). No
+wrong answer scores 1 because a symbol or a word was dropped.
 
 Other decisions: a response without answer tags still gets its last \\boxed{…} checked (accuracy only, never
 format); several \\boxed answers are compared as one set or tuple when the gold is one ("\\boxed{1}, \\boxed{2}"
@@ -37,7 +40,8 @@ from typing import NamedTuple
 from latex2sympy2_extended.math_normalization import units as UNIT_NAMES
 from math_verify import parse, verify
 from math_verify.parser import LatexExtractionConfig
-from sympy import Basic, E, Float, Pow, Rational, Tuple, exp
+from sympy import Abs, Basic, E, Eq, Float, Mul, Pow, Rational, S, Symbol, Tuple, exp
+from sympy.core.function import AppliedUndef
 from sympy.core.parameters import global_parameters
 from sympy.core.relational import Relational
 from sympy.matrices import MatrixBase
@@ -107,9 +111,9 @@ def extract_answer(response: str) -> str | None:
 
 
 # Leading choice letter: "D", "D.", "(D) 80 degrees", "**D**", "\text{D}", "D: 80", "The answer is D", "Option D";
-# not "Done", not "d".
+# not "Done", not "d", not a point given a value ("∠H = 97°" answers MathVista's "Find m∠H" with a value).
 _LETTER = re.compile(r"(?i:(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is\b)?\s*:?\s*)?"
-                     r"[^\w\\]*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?[^\w\\]*([A-I])(?![A-Za-z0-9])")
+                     r"[^\w\\]*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?[^\w\\]*([A-I])(?![A-Za-z0-9]|\s*=)")
 
 
 def letter_of(answer: str) -> str | None:
@@ -166,20 +170,62 @@ def _is_readable(text: str) -> bool:
     return not any(ord(c) > 127 and unicodedata.category(c)[0] in "SNC" and c != "\n" for c in text)
 
 
-# Words (three letters or more, outside LaTeX commands) that are not units make text no single value ("not enough
-# information", "angles 2, 3, 6, and 7"). Units ("2191.7 metres", "70 degrees") are math-verify's to drop.
-_WORDS = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+# Words that are not units make text no single value ("not enough information", "angles 2, 3, 6, and 7"): runs of
+# three letters or more outside LaTeX commands, and the short English words a sentence needs ("so x is 5", "x is 5")
+# but LaTeX would read as products of letters. Units ("2191.7 metres", "70 degrees") are math-verify's to drop.
+_WORDS = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
+_SHORT_WORDS = {"is", "so", "no", "of", "to", "be", "if", "it"}  # not "or": math-verify reads "5 or 6" as {5, 6}
 _UNITS = {u + plural for u in UNIT_NAMES if u.isalpha() for plural in ("", "s", "es")}
 _FUNCTIONS = {"sqrt"}  # 2*sqrt(3): math-verify reads it; "sin(30)" without a backslash it reads as s·i·n·30
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")  # \text{…} and kin, to unwrap
 
 
 def _has_words(text: str) -> bool:
-    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r"\1", text)
-    text = re.sub(r"\\(?:begin|end)\s*\{\w+\*?\}|\\[A-Za-z]+", " ", text)  # commands, \begin{pmatrix} too
-    return any(w.lower() not in _UNITS | _FUNCTIONS for w in _WORDS.findall(text))
+    # commands (\begin{pmatrix} too) and subscripts (S_{MBCN}: a label) dropped
+    text = re.sub(r"\\(?:begin|end)\s*\{\w+\*?\}|\\[A-Za-z]+|_(?:\{[^{}]*\}|\w)", " ", _TEXT.sub(r"\1", text))
+    return any(w.lower() in _SHORT_WORDS and not w.isupper()  # NO, IS: points' names
+               or len(w) > 2 and w.lower() not in _UNITS | _FUNCTIONS for w in _WORDS.findall(text))
 
 
 _ANSWER_PHRASE = re.compile(r"^(?i:(?:the\s+)?(?:final\s+)?answer\s*(?:is\b)?\s*[:=]?)\s*")
+# Math delimiters ($…$, \(…\), \[…\]; not the escaped \$ of an amount): the whole answer is read as one expression,
+# so they only mark math inside prose. Left in, math-verify would read one span of several ("$5$ $3$" -> 3).
+_DELIMITERS = re.compile(r"(?<!\\)\$|(?<!\\)\\[()\[\]]")
+# Percent after a number, as a word or a sign ("28 percent", "28 pct", "28 percentage", "$28$ %"): written as
+# LaTeX's \% (math-verify reads "28\%" as 28/100, but "28  %", spaced, not at all).
+_PERCENT = re.compile(r"(?<=[\d}])\s*(?:(?i:percent(?:age)?|per\s+cent|pct)\b|\\?%)")
+# A unit of length with a power closing the answer ("24 cm²", "24 units^2"): math-verify drops "\text{cm}^{2}" but
+# reads a bare cm^{2} as c·m². Named units only, of two letters or more: 5 x², 3 t², 2 ab² are variables.
+_UNIT_POWER = re.compile(r"(?<=[\d}\s])((?i:[cmdk]m|ft|in|inch(?:es)?|yd|yards?|mi|miles?|units?|met(?:er|re)s?|"
+                         r"feet|foot))\s*(\^\s*\{?\s*[23]\s*\}?)\s*$")
+
+# A sentence read as the value it states: a lead-in, a copula, then the value alone ("The length is 5√3", "So x = 15.",
+# "Area: 24 cm²", "∠ABC is 35°"). The lead-in holds words and names but no number, and the value no word, so the
+# value is the sentence's only one: "x is 15, so y is 3" and "x is 5 or 6" state none. The value is then read as a
+# bare answer is. "≈", "about", "at least" are no copulas (an approximation or a bound is not the value), and "x is
+# not 5" leaves words after the copula.
+_COPULA = re.compile(r"(?i:\b(?:is|are|was|be|equals)\b(?:\s+equal\s+to\b)?(?:\s*:)?)|=|:")
+# Names a lead-in may hold: \angle 1, \triangle ABC, \overline{AB}, \odot X, x_{1}, x', \sin A, Greek letters. Their
+# digits are labels, not values; once they are dropped, only letters, spaces and light punctuation may be left.
+_NAMES = re.compile(r"\\(?:angle|measuredangle|triangle|odot|overline|widehat|overarc|arc)\s*(?:\{\w*\}|\w*)|"
+                    r"_\{?\w+\}?|'|\\(?:sin|cos|tan|cot|sec|csc|log|ln)\b|\\(?i:var)?(?i:alpha|beta|gamma|delta|"
+                    r"epsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|pi|rho|sigma|tau|upsilon|phi|chi|psi|omega)\b")
+_LEAD = re.compile(r"[A-Za-z\s,.()|]*")  # a lead-in once its names are dropped: words, no digit, no operator
+# Lead-in words that deny or suppose what follows ("It is not true that x is 5", "If x is 5"): no value stated.
+_NOT_STATED = {"not", "no", "never", "neither", "nor", "none", "if", "unless", "suppose", "assume", "assuming",
+               "without", "except", "than", "wrong", "incorrect", "false", "cannot"}
+
+
+def _stated_value(sentence: str) -> str | None:
+    """The value a sentence states (see _COPULA), or None."""
+    # \text{ is }: the words it wraps; ~ is a space; "isn't" denies
+    sentence = _TEXT.sub(r"\1", sentence).replace("~", " ").replace("’", "'").replace("n't", " not")
+    for copula in _COPULA.finditer(sentence):
+        lead, value = _NAMES.sub(" ", sentence[:copula.start()]), sentence[copula.end():].strip().rstrip(" .")
+        if _LEAD.fullmatch(lead) and not _NOT_STATED & set(re.findall(r"[a-z]+", lead.lower())) and value and \
+                not _has_words(value):
+            return value
+    return None
 
 
 def _as_latex(text: str) -> str | None:
@@ -187,18 +233,21 @@ def _as_latex(text: str) -> str | None:
     text = _unicode_to_latex(text)
     if not _is_readable(text):
         return None
-    text = _ANSWER_PHRASE.sub("", text.strip()).rstrip(" .")
-    if _has_words(text):
-        return None  # a sentence is no value (LaTeX would read "so 5 and 7" as a product of letters and a set)
-    text = re.sub(r"\\!|\\\$", "", text)  # thin negative space (16,\!386), escaped dollar (\$5.50: an amount)
-    if text.count("$") % 2:  # one unescaped $ is an amount too ("$36"); pairs are math delimiters
-        text = text.replace("$", "")
+    text = _ANSWER_PHRASE.sub("", _DELIMITERS.sub(" ", text).strip()).rstrip(" .")
+    text = _PERCENT.sub(r"\\%", text)
+    if _has_words(text):  # a sentence; else LaTeX would read "so 5 and 7" as a product of letters and a set
+        text = _stated_value(text)
+        if text is None:
+            return None
+    text = _UNIT_POWER.sub(r"\\text{\1}\2", text)
+    text = re.sub(r"\\!\s*|\\\$", "", text)  # thin negative space (16,\!386), escaped dollar (\$5.50: an amount)
+    text = text.replace("!=", r"\ne ")  # x != 3: not a factorial
     text = re.sub(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)", lambda m: m.group().replace(" ", ""), text)  # 1 000
     # "4 4/11" is a mixed number: written as LaTeX reads one (an integer then \frac: 4\frac{4}{11} = 48/11).
     text = re.sub(r"(?<![\d./])(\d+) +(\d+)/(\d+)(?![\d/])", r"\1\\frac{\2}{\3}", text)
     if re.search(r"\d\s+\d", text):
         return None  # other numbers side by side ("5 3"): LaTeX would add them, and a sum is a guess
-    return text if any(d in text for d in ("$", "\\(", "\\[")) else f"${text}$"
+    return f"${text.strip()}$"
 
 
 def math_value(text: str):
@@ -214,11 +263,25 @@ def math_value(text: str):
     return value if value is not None and _size(value) <= _MAX_SIZE else None
 
 
+def _is_name(e) -> bool:
+    """k, x_1, AB (LaTeX reads a·b), |AB|, f(x), (p, q): a quantity's name, not a formula such as a + b or 2x."""
+    if isinstance(e, (Mul, AppliedUndef)):
+        return all(isinstance(a, Symbol) for a in e.args)
+    if isinstance(e, (Abs, Tuple)):
+        return all(_is_name(a) for a in e.args)
+    return isinstance(e, Symbol)
+
+
 def math_equal(gold, pred) -> bool:
     """Two math values are equal (math-verify's `verify`). A relation gold (a + b = 90, x < 60) needs a relation:
-    math-verify would accept the bare number 90 for a + b = 90."""
-    if pred is None or isinstance(gold, Relational) and not isinstance(pred, Relational):
+    math-verify would accept the bare number 90 for a + b = 90. Unless it names the quantity on its left
+    (k = 1, (p, q) = (3, 2)): then its right side is the value, and a bare value is compared with it."""
+    if pred is None:
         return False
+    if isinstance(gold, Relational) and not isinstance(pred, Relational):
+        if not (isinstance(gold, Eq) and _is_name(gold.lhs)):
+            return False
+        gold = gold.rhs
     return verify([gold], [pred], timeout_seconds=None)
 
 
@@ -245,7 +308,7 @@ def _read_gold(answer: str) -> Gold | None:
     if letter:
         return Gold("letter", letter.group(1))
     value = math_value(answer)
-    if value is not None:
+    if value is not None and not value.has(S.NaN, S.ComplexInfinity):  # 12:00 read as 12/0 is no value
         return Gold("math", value)
     # Not one value: text, if it is text at all (letters or digits, balanced braces), else a data error.
     text = plain_text(answer)

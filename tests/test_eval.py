@@ -243,6 +243,30 @@ def test_score_multiple_choice_by_an_option_value():
     assert evaluate.score(example, R("97")) == 1.0 and evaluate.score(example, R("97°")) == 1.0
     assert evaluate.score(dict(LETTER, answer="D"), R("0.5")) == 1.0  # math-equal to the option \frac{1}{2}
     assert evaluate.score(example, R("102")) == 0.0
+    assert evaluate.score(example, R("The answer is 97")) == 1.0 and evaluate.score(example, R("x = 97")) == 1.0
+    assert evaluate.score(example, R("The answer is 102")) == 0.0
+
+
+# Real MathVista testmini rows (lupantech/MathVista data/testmini.json) whose options read alike: pid 288's and 513's
+# options all evaluate as one value (0.0 - 0.2 = 0.2 - 0.4 = -0.2; 43.2% - 63.6% = 42.2% - 62.6% = -20.4%), pid 781
+# repeats the right option's text; pid 5 asks "Find m∠H" (options 97, 102, 107, 122; gold A).
+PID_288 = {"kind": "letter", "answer": "A", "choices": ["0.0 - 0.2", "0.2 - 0.4", "0.4 - 0.6", "0.6 - 0.8", "0.8 - 1.0"]}
+PID_513 = {"kind": "letter", "answer": "C", "choices": ["43.2%-63.6%", "45.2%-65.6%", "42.2%-62.6%", "41.2%-61.6%",
+                                                       "44.2%-64.6%"]}
+PID_781 = {"kind": "letter", "answer": "C", "choices": ["9", "12", "18", "18"]}
+PID_5 = {"kind": "letter", "answer": "A", "choices": ["97", "102", "107", "122"]}
+
+
+@pytest.mark.parametrize("example, answer, expected", [
+    (PID_288, "0.0 - 0.2", 1.0), (PID_288, "0.0-0.2", 1.0), (PID_288, "A", 1.0), (PID_288, "0.2 - 0.4", 0.0),
+    (PID_288, "-0.2", 0.0),  # the value all five options share names none of them
+    (PID_513, "42.2%-62.6%", 1.0), (PID_513, "C", 1.0), (PID_513, "43.2%-63.6%", 0.0), (PID_513, "-20.4%", 0.0),
+    (PID_781, "18", 1.0), (PID_781, "C", 1.0), (PID_781, "D", 1.0),  # D repeats C's text: 18 either way
+    (PID_781, "9", 0.0), (PID_781, "12", 0.0), (PID_781, "B", 0.0), (PID_781, "The length is 18", 1.0),
+    (PID_5, "∠H = 97°", 1.0), (PID_5, "m∠H = 97", 1.0), (PID_5, "∠H = 102°", 0.0),  # a point's name is no letter
+])
+def test_score_options_that_read_alike(example, answer, expected):
+    assert evaluate.score(example, R(answer)) == expected
 
 
 @pytest.mark.parametrize("example, answer, expected", [
@@ -255,6 +279,9 @@ def test_score_multiple_choice_by_an_option_value():
     ({"answer": "1000", "precision": 0, "unit": "g"}, "1,000", 1.0),
     ({"answer": "1000", "precision": 0, "unit": "g"}, "999", 0.0),
     ({"answer": "1000", "precision": 0, "unit": "g"}, "x", 0.0),
+    ({"answer": "1.2", "precision": 1}, "The work is 1.2 J", 1.0), ({"answer": "1.2", "precision": 1}, "W = 1.2", 1.0),
+    ({"answer": "1.2", "precision": 1}, "The work is 2.1 J", 0.0),
+    ({"answer": "1.2", "precision": 1}, "The work is 1.2 J, the force 3 N", 0.0),
 ])
 def test_score_numbers(example, answer, expected):
     example = {"kind": "number", "choices": None, "unit": None, **example}
@@ -268,6 +295,12 @@ def test_score_numbers(example, answer, expected):
     ("trans-1-Chloro-4-methylcyclohexane", "trans-1-chloro-4-methylcyclohexane", 1.0),
     ("trans-1-Chloro-4-methylcyclohexane", "cis-1-chloro-4-methylcyclohexane", 0.0),
     ("Tampa", "tampa", 1.0), ("Tampa", "pamta", 0.0),  # words are text, never a product of symbols (an anagram)
+    # a sentence stating one value (issue 16), and MathVerse golds that are one (BENCHMARKS.md §2)
+    ("14", "The length is 14 cm", 1.0), ("14", "So L = 14.", 1.0), ("14", "The length is 15 cm", 0.0),
+    ("14", "L is 14, so r is 3", 0.0), ("$h=15$", "15", 1.0), ("$h=15$", "h = 15", 1.0), ("$h=15$", "51", 0.0),
+    (r"Circumference $=50.27 \mathrm{~cm}$", "50.27", 1.0),
+    (r"Circumference $=50.27 \mathrm{~cm}$", "The circumference is 50.27 cm.", 1.0),
+    (r"Circumference $=50.27 \mathrm{~cm}$", "50.72", 0.0),
 ])
 def test_score_free_form(gold, answer, expected):
     assert evaluate.score({"kind": "math", "answer": gold, "choices": None}, R(answer)) == expected
