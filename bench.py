@@ -7,7 +7,7 @@
 The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
 downloaded. A step runs the pieces of `apo.train` in the same order with the same defaults (`apo.Args`): rollout,
 rewards, group advantage, STCR, DADS, old and reference log-probs, then `apo.update_policy` (mini- and
-micro-batches, `apo.AdamW`). Only the rewards are random draws, and every response runs to --max-new-tokens (--no-full-length lets
+micro-batches, `adamw.AdamW`). Only the rewards are random draws, and every response runs to --max-new-tokens (--no-full-length lets
 EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
 """
 
@@ -33,6 +33,7 @@ from transformers.generation.streamers import BaseStreamer
 import apo
 import rollout
 import toy
+from adamw import AdamW
 
 # The public config.json of Qwen/Qwen2.5-VL-3B-Instruct (architecture only, no weights), kept with the test data.
 QWEN_3B_CONFIG = Path(__file__).resolve().parent / "tests" / "data" / "qwen2_5_vl_3b_config.json"
@@ -132,7 +133,7 @@ def count_parameters(model) -> dict:
 def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: int) -> dict:
     """Peak memory of one APO step on one GPU, in GiB, by component and by phase, from the shapes alone.
 
-    Weights, gradients and activations in bf16 (2 bytes), Adam moments in fp32 (2 × 4 bytes): apo.AdamW. Exact for
+    Weights, gradients and activations in bf16 (2 bytes), Adam moments in fp32 (2 × 4 bytes): adamw.AdamW. Exact for
     weights, moments, gradients and the KV cache; the activation terms count the tensors listed beside them
     (bytes per token, H = hidden size, I = MLP size, kv = key/value width). Not counted: the CUDA context (~0.5 GiB,
     outside torch.cuda.max_memory_allocated) and the caching allocator's fragmentation (reserved − allocated)."""
@@ -154,9 +155,9 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
         "reference_weights": 2 * N if s.kl_beta > 0 else 0,    # frozen copy for the KL term (APO_SPEC §6)
         "adam_moments": 8 * N,                                   # m and v, fp32
         "gradients": 2 * N,                                      # bf16, from the first backward to the last step
-        # apo.AdamW works on slices of AdamW.slice_size weights: fp32 grad, denominator and weight, and the
+        # adamw.AdamW works on slices of AdamW.slice_size weights: fp32 grad, denominator and weight, and the
         # rounding's int32 noise, sum and mask: 6 × 4 bytes per weight of the largest slice.
-        "optimizer_temporaries": 24 * min(largest, apo.AdamW.slice_size),
+        "optimizer_temporaries": 24 * min(largest, AdamW.slice_size),
         # K and V of every layer for every sequence at full length, bf16: n_gen · S · L · 2 · kv · 2 bytes.
         "kv_cache": n_gen * S * L * 2 * kv * 2,
         # Prefill: all n_gen prompts through one layer at a time (no gradients).
@@ -304,7 +305,7 @@ def apo_step(model, reference, processor, prompts, optimizer, s: apo.Args, gen_c
     with meter.phase("advantages"):  # synthetic rewards: 30% correct, 80% well formatted (APO_SPEC §1: acc + fmt)
         correct = torch.rand(B, G) < 0.3
         rewards = correct.float() + (torch.rand(B, G) < 0.8).float()
-        advantages = apo.stcr_weights(correct, batch["lengths"].view(B, G), s.stcr_base) * apo.grpo_advantages(rewards)
+        advantages = apo.stcr_multiplier(correct, batch["lengths"].view(B, G), s.stcr_base) * apo.grpo_advantages(rewards)
         batch["advantages"] = advantages.flatten()
         batch["kl_weights"] = apo.dads_kl_weights(advantages, correct).flatten()
     n_updates = -(-B * G // s.mini_batch_size)
@@ -350,7 +351,7 @@ def bench(a, s: apo.Args, processor) -> dict:
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU found")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as apo.resolve_device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as run_folder.resolve_device
     config = load_config(a, processor.tokenizer)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
@@ -360,7 +361,7 @@ def bench(a, s: apo.Args, processor) -> dict:
     if s.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = apo.AdamW(model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
+    optimizer = AdamW(model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
     gen_config = rollout.generation_config(processor, s.max_new_tokens, s.temperature, s.top_p)
     if a.full_length:
         gen_config.min_new_tokens = s.max_new_tokens

@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 
 import apo
+import data
 import reward
 import rollout
+import run_folder
 
 MMMU_SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
@@ -76,7 +78,7 @@ def benchmark_example(name: str, row: dict) -> dict:
     """One row of benchmark `name` -> {'images': [PIL], 'problem': the text shown before the format instruction,
     'answer': the gold (a list where several are right), 'kind': 'letter' | 'number' | 'math' | 'text',
     'choices': option texts or None, 'precision': decimals of a number, 'unit', 'groups': {breakdown: value}}.
-    apo.BadRow when the row cannot be used."""
+    data.BadRow when the row cannot be used."""
     example = {"choices": None, "precision": None, "unit": None, "groups": {}}
 
     def letter(gold: str) -> str | None:  # "C", "(C)" -> "C"
@@ -85,11 +87,11 @@ def benchmark_example(name: str, row: dict) -> dict:
 
     if name == "mathvista":
         choices = list(row["choices"] or [])
-        example.update(images=[apo.open_image(row["decoded_image"])], problem=row["query"], unit=row.get("unit"),
+        example.update(images=[data.open_image(row["decoded_image"])], problem=row["query"], unit=row.get("unit"),
                        groups={"question_type": row["question_type"], "answer_type": row["answer_type"]})
         if row["question_type"] == "multi_choice":
             if row["answer"] not in choices:
-                raise apo.BadRow(f"answer {row['answer']!r} is none of the choices")
+                raise data.BadRow(f"answer {row['answer']!r} is none of the choices")
             example.update(answer=chr(65 + choices.index(row["answer"])), kind="letter", choices=choices)
         elif row["answer_type"] in ("integer", "float"):
             example.update(answer=row["answer"], kind="number", precision=int(row.get("precision") or 0))
@@ -97,14 +99,14 @@ def benchmark_example(name: str, row: dict) -> dict:
             example.update(answer=row["answer"], kind="math")
     elif name == "mathverse":
         multi, gold = row["question_type"] == "multi-choice", row["answer"].strip()
-        example.update(images=[apo.open_image(row["image"])], problem=row["query_cot"], answer=letter(gold) or gold,
+        example.update(images=[data.open_image(row["image"])], problem=row["query_cot"], answer=letter(gold) or gold,
                        kind="letter" if multi and letter(gold) else "text" if multi else "math",  # "False": text
                        choices=inline_choices(row["question"]) if multi else None,
                        groups={"problem_version": row["problem_version"]})
     elif name in ("mmk12", "mmstar"):
         if not letter(row["answer"]):
-            raise apo.BadRow(f"answer {row['answer']!r} is not a choice letter")
-        example.update(images=[apo.open_image(row["image"])], problem=row["question"],
+            raise data.BadRow(f"answer {row['answer']!r} is not a choice letter")
+        example.update(images=[data.open_image(row["image"])], problem=row["question"],
                        answer=letter(row["answer"]), kind="letter",
                        choices=inline_choices(row["question"]),
                        groups={"subject": row["subject"]} if name == "mmk12" else {"category": row["category"]})
@@ -114,7 +116,7 @@ def benchmark_example(name: str, row: dict) -> dict:
         # each image the text refers to ("<image 3>"), once, in the order of first mention (rollout.build_messages
         # puts it where its tag first stands)
         numbers = list(dict.fromkeys(int(k) for k in re.findall(r"<image (\d+)>", text)))
-        images = [apo.open_image(row.get(f"image_{k}")) for k in numbers]
+        images = [data.open_image(row.get(f"image_{k}")) for k in numbers]
         multi = row["question_type"] == "multiple-choice"
         gold = row["answer"]
         if not multi and gold.startswith("["):  # several acceptable answers, e.g. "['24/7', '3.429']"
@@ -122,11 +124,11 @@ def benchmark_example(name: str, row: dict) -> dict:
         example.update(images=images, problem=text, answer=gold, kind="letter" if multi else "math",
                        choices=options if multi else None, groups={"subject": "_".join(row["id"].split("_")[1:-1])})
         if not images:
-            raise apo.BadRow("no image referenced")
+            raise data.BadRow("no image referenced")
     else:
         raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
     if not example["images"]:
-        raise apo.BadRow("no image")
+        raise data.BadRow("no image")
     # Golds and options are read here, once, each with a gold's budget; `score` then finds them read (reading one
     # inside a response's 0.6 s could cut it short).
     golds = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
@@ -135,14 +137,14 @@ def benchmark_example(name: str, row: dict) -> dict:
     return example
 
 
-def training_example(row: dict, cfg: apo.Args, base) -> dict:
+def training_example(row: dict, columns: tuple, base) -> dict:
     """A row of training-format data (geometry3k, toy, a file): the kind is the training reward's reading."""
-    example = apo.prepare_example(row, cfg, base)
+    example = data.prepare_example(row, columns, base)
     return {**example, "kind": reward.parse_gold(example["answer"]).kind, "choices": None, "precision": None,
             "unit": None, "groups": {}}
 
 
-def load_examples(name: str, source: str, cfg: apo.Args, limit: int = 0) -> tuple:
+def load_examples(name: str, source: str, split: str = "test", limit: int = 0) -> tuple:
     """The usable examples of a benchmark (by its Hub id, or `source`: a local copy in the Hub layout or a parquet
     file) or of training-format data, and how many rows were skipped as bad (each named once)."""
     import datasets
@@ -159,16 +161,15 @@ def load_examples(name: str, source: str, cfg: apo.Args, limit: int = 0) -> tupl
             table = datasets.concatenate_datasets([datasets.load_dataset(source, c, split=split) for c in configs])
         make, base = (lambda row: benchmark_example(name, row)), None
     else:
-        cfg.data = source or name
-        table, base = apo.load_table(cfg)
-        make = lambda row: training_example(row, cfg, base)  # noqa: E731
+        table, base, columns = data.load_table(source or name, split)
+        make = lambda row: training_example(row, columns, base)  # noqa: E731
     examples, skipped = [], 0
     for i in range(len(table)):
         if limit and len(examples) == limit:
             break
         try:
             examples.append(make(table[i]))
-        except (apo.BadRow, OSError, ValueError, SyntaxError) as err:  # (reading a row decodes its images)
+        except (data.BadRow, OSError, ValueError, SyntaxError) as err:  # (reading a row decodes its images)
             skipped += 1
             print(f"{name}: skipping row {i}: {err}")
     if not examples:
@@ -365,7 +366,7 @@ def main(argv=None):
     if a.plot:
         out = Path(a.out or "curves.png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        apo.plot_curves(a.plot, out)
+        run_folder.plot_curves(a.plot, out)
         print(f"wrote {out}")
         return
 
@@ -391,16 +392,16 @@ def main(argv=None):
                       "seed": a.seed, "device": a.device, "dtype": a.dtype, "temperature": a.temperature})
     cfg.max_pixels = a.max_pixels or cfg.max_pixels
     tokens = {b: a.max_new_tokens or (2048 if b in PAPER else cfg.max_new_tokens) for b in benches}
-    device, dtype = apo.resolve_device(cfg)
-    data = {b: load_examples(b, sources.get(b, ""), apo.Args(**{**vars(cfg)}), a.limit) for b in benches}
+    device, dtype = run_folder.resolve_device(cfg.device, cfg.dtype, cfg.model, cfg.data)
+    examples = {b: load_examples(b, sources.get(b, ""), a.split, a.limit) for b in benches}
 
     results, responses = {}, {}
     for name in [a.model] + ([a.baseline] if a.baseline else []):
         torch.manual_seed(a.seed)
-        model, processor = apo.load_model(name, dtype, device, cfg.trust_remote_code)
+        model, processor = run_folder.load_model(name, dtype, device, cfg.trust_remote_code)
         results[name], responses[name] = {}, {}
         for b in benches:
-            records = evaluate(model, processor, data[b][0], dataclasses.replace(cfg, max_new_tokens=tokens[b]),
+            records = evaluate(model, processor, examples[b][0], dataclasses.replace(cfg, max_new_tokens=tokens[b]),
                                a.samples, a.batch_size, progress=f"{name} {b}")
             results[name][b], responses[name][b] = summarize(records, a.samples), records
         del model
@@ -410,7 +411,7 @@ def main(argv=None):
     out = Path(a.out or f"eval-{Path(benches[0]).stem if len(benches) == 1 else 'bench'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"models": list(results), "benchmarks": benches, "max_new_tokens": tokens,
-              "max_pixels": cfg.max_pixels, "skipped_rows": {b: data[b][1] for b in benches},
+              "max_pixels": cfg.max_pixels, "skipped_rows": {b: examples[b][1] for b in benches},
               "paper": {b: PAPER[b] for b in benches if b in PAPER}, "results": results, "responses": responses}
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(table + "\n")

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 import apo  # noqa: E402
 import parallel  # noqa: E402
 import rollout  # noqa: E402
+import run_folder  # noqa: E402
+from adamw import AdamW  # noqa: E402
 
 # Responses of different lengths (so ranks hold different token counts): 8 responses, 2 prompts × 4.
 LENGTHS = [6, 2, 5, 1, 3, 6, 4, 2]
@@ -62,7 +64,7 @@ def main():
     rank, world, _ = parallel.init("cpu")
     torch.set_num_threads(1)
     dtype = torch.bfloat16 if options.get("bf16") else torch.float32
-    model, processor = apo.load_model(model_dir, dtype, torch.device("cpu"))
+    model, processor = run_folder.load_model(model_dir, dtype, torch.device("cpu"))
     if options.get("checkpointing"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = make_batch(model, processor)
@@ -77,7 +79,7 @@ def main():
     elif task == "updates":  # optimizer steps, the rows of each mini-batch split over the ranks
         if options.get("fsdp"):
             parallel.shard(model)
-        optimizer = apo.AdamW(model.parameters(), lr=1e-3, seed=0)
+        optimizer = AdamW(model.parameters(), lr=1e-3, seed=0)
         local = rollout.select(batch, mine)
         torch.manual_seed(1000 + rank)  # each rank's own global stream, as in training: nothing drawn from it may
         # decide a weight (the rounding draws from the optimizer's generator, seeded alike on every rank)

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rollout  # noqa: E402
+import run_folder  # noqa: E402
 
 step, rank, marker = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 sys.argv = sys.argv[4:]
@@ -27,7 +28,7 @@ def waiting_sample_responses(*args, seed=(0,), **kwargs):
     if len(seed) == 2 and seed[1] == step and int(os.environ.get("RANK", 0)) == rank:
         marker.touch()
         deadline = time.monotonic() + 600
-        while not sys.modules["__main__"].STOP:  # apo.py's STOP: the signals its handler received
+        while not run_folder.STOP:  # the signals apo.py's handler (run_folder.request_stop) received
             if time.monotonic() > deadline:
                 sys.exit("paused_run: no signal came within 600 s")
             time.sleep(0.01)

@@ -4,8 +4,14 @@ import math
 import pytest
 import torch
 
-from apo import (AdamW, apo_loss, cosine_schedule, dads_kl_weights, grpo_advantages, k3_kl, parse_args,
-                 policy_loss, stcr_weights)
+from adamw import AdamW
+from apo import (apo_loss, cosine_schedule, dads_kl_weights, grpo_advantages, k3_kl, parse_args, policy_loss,
+                 stcr_multiplier)
+
+
+def whole(mask: torch.Tensor) -> dict:
+    """The normalizers of a loss over the whole of `mask`: its token count and its response count."""
+    return {"token_total": mask.sum().item(), "seq_total": mask.shape[0]}
 
 
 # ---------------------------------------------------------------------------------------------------- §2 advantage
@@ -38,7 +44,7 @@ def test_stcr_by_hand():
     # L⁺ = (100 + 200) / 2 = 150. Response 1: wrong, Δ = 150 > 0, w = 1 − 1.00001^−150. Response 2: wrong but
     # shorter (Δ = −100): w = 0. Correct responses: w = 0.
     expected_w = 1 - 1.00001 ** -150
-    mult = stcr_weights(correct, lengths)
+    mult = stcr_multiplier(correct, lengths)
     assert torch.allclose(mult, torch.tensor([[1.0, 1 + expected_w, 1.0, 1.0]], dtype=torch.float32), atol=1e-9)
     assert abs(expected_w - 0.0014989) < 1e-6  # ≈ 1e-5·Δ, the scale APO_SPEC §4 points out
 
@@ -46,7 +52,7 @@ def test_stcr_by_hand():
 def test_stcr_scale_quoted_in_the_spec():
     # w ≈ 0.01 at 1000 extra tokens and ≈ 0.04 at 4096 (APO_SPEC §4)
     correct = torch.tensor([[True, False, False]])
-    mult = stcr_weights(correct, torch.tensor([[10, 1010, 4106]]))
+    mult = stcr_multiplier(correct, torch.tensor([[10, 1010, 4106]]))
     assert mult[0, 1].item() == pytest.approx(1 + (1 - 1.00001 ** -1000), rel=1e-7)
     assert 0.0099 < mult[0, 1].item() - 1 < 0.0100 and 0.0401 < mult[0, 2].item() - 1 < 0.0402
 
@@ -54,13 +60,13 @@ def test_stcr_scale_quoted_in_the_spec():
 def test_stcr_no_correct_or_all_correct_gives_one():
     lengths = torch.tensor([[10, 500, 900], [10, 500, 900]])
     correct = torch.tensor([[False, False, False], [True, True, True]])
-    assert torch.equal(stcr_weights(correct, lengths), torch.ones(2, 3))
+    assert torch.equal(stcr_multiplier(correct, lengths), torch.ones(2, 3))
 
 
 def test_stcr_base_is_a_knob():
     correct, lengths = torch.tensor([[True, False]]), torch.tensor([[10, 20]])
-    assert stcr_weights(correct, lengths, base=2.0)[0, 1].item() == pytest.approx(1 + (1 - 2.0 ** -10))
-    assert stcr_weights(correct, lengths, base=1.0)[0, 1].item() == 1.0  # base 1: STCR off
+    assert stcr_multiplier(correct, lengths, base=2.0)[0, 1].item() == pytest.approx(1 + (1 - 2.0 ** -10))
+    assert stcr_multiplier(correct, lengths, base=1.0)[0, 1].item() == 1.0  # base 1: STCR off
 
 
 # --------------------------------------------------------------------------------------------------------- §5 DADS
@@ -106,16 +112,16 @@ def test_policy_loss_clipping_by_hand():
     mask = torch.ones(1, 4)
     # Â = +1: per token −min(ρ, clip(ρ)) = −1.2, −1.1, −0.5, −0.9 -> mean −0.925. The clip binds only at ρ = 1.5
     # (ρ = 0.5 is clipped to 0.8, but min(0.5, 0.8) keeps 0.5, the pessimistic choice): clip fraction 1/4
-    loss, clip_fraction = policy_loss(logp, old, torch.tensor([1.0]), mask)
+    loss, clip_fraction = policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, "token", **whole(mask))
     assert loss.item() == pytest.approx(-0.925, abs=1e-6)
     assert clip_fraction.item() == pytest.approx(0.25)
     # Â = −1: −min(−ρ, −clip(ρ)) = max(ρ, clip(ρ)) = 1.5, 1.1, 0.8, 0.9 -> mean 1.075; the clip binds at ρ = 0.5
-    loss, clip_fraction = policy_loss(logp, old, torch.tensor([-1.0]), mask)
+    loss, clip_fraction = policy_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, "token", **whole(mask))
     assert loss.item() == pytest.approx(1.075, abs=1e-6)
     assert clip_fraction.item() == pytest.approx(0.25)
     # the gradient flows only through unclipped tokens: d loss / d ℓ_t = −ρ_t Â / 4 there, 0 where the clip binds
     logp.requires_grad_(True)
-    policy_loss(logp, old, torch.tensor([1.0]), mask)[0].backward()
+    policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, "token", **whole(mask))[0].backward()
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.1 / 4, -0.5 / 4, -0.9 / 4]]), atol=1e-6)
 
 
@@ -125,12 +131,12 @@ def test_policy_loss_aggregations_and_padding():
     adv = torch.tensor([1.0, -2.0])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     # ratio 1 everywhere: per-token loss −Â. token mean: (−1·3 + 2·1) / 4 = −0.25; sequence mean: (−1 + 2) / 2 = 0.5
-    assert policy_loss(logp, old, adv, mask, agg="token")[0].item() == pytest.approx(-0.25)
-    assert policy_loss(logp, old, adv, mask, agg="sequence")[0].item() == pytest.approx(0.5)
+    assert policy_loss(logp, old, adv, mask, 0.2, "token", **whole(mask))[0].item() == pytest.approx(-0.25)
+    assert policy_loss(logp, old, adv, mask, 0.2, "sequence", **whole(mask))[0].item() == pytest.approx(0.5)
     # padded positions can hold anything: they do not count
     garbage = logp.clone()
     garbage[1, 1:] = 50.0
-    assert policy_loss(garbage, old, adv, mask, agg="token")[0].item() == pytest.approx(-0.25)
+    assert policy_loss(garbage, old, adv, mask, 0.2, "token", **whole(mask))[0].item() == pytest.approx(-0.25)
 
 
 @pytest.mark.parametrize("agg", ["token", "sequence"])
@@ -140,10 +146,10 @@ def test_micro_batches_sum_to_the_mini_batch_loss(agg):
     logp, old, ref = (torch.randn(n, T, generator=g) * 0.1 - 1 for _ in range(3))
     adv, kappa = torch.randn(n, generator=g), torch.rand(n, generator=g)
     mask = (torch.arange(T)[None] < torch.tensor([5, 1, 3, 4, 2, 5])[:, None]).long()
-    whole, _ = apo_loss(logp, old, ref, adv, kappa, mask, kl_beta=0.1, agg=agg)
-    parts = sum(apo_loss(logp[s], old[s], ref[s], adv[s], kappa[s], mask[s], kl_beta=0.1, agg=agg,
+    at_once, _ = apo_loss(logp, old, ref, adv, kappa, mask, 0.1, 0.2, agg, **whole(mask))
+    parts = sum(apo_loss(logp[s], old[s], ref[s], adv[s], kappa[s], mask[s], 0.1, 0.2, agg,
                          token_total=mask.sum().item(), seq_total=n)[0] for s in (slice(0, 2), slice(2, 3), slice(3, 6)))
-    assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+    assert parts.item() == pytest.approx(at_once.item(), abs=1e-6)
 
 
 def test_grpo_baseline_loss_matches_an_independent_computation():
@@ -157,7 +163,7 @@ def test_grpo_baseline_loss_matches_an_independent_computation():
     old = logp + 0.3 * torch.randn(B * G, T, generator=g)
     ref = logp + 0.3 * torch.randn(B * G, T, generator=g)
     adv = grpo_advantages(rewards).flatten()
-    loss, _ = apo_loss(logp, old, ref, adv, torch.ones(B * G), mask, kl_beta=beta, clip_eps=eps, agg="token")
+    loss, _ = apo_loss(logp, old, ref, adv, torch.ones(B * G), mask, beta, eps, "token", **whole(mask))
 
     pg_terms, kls = [], []
     for i in range(B * G):
@@ -181,7 +187,7 @@ def test_dads_weights_scale_only_the_kl_term():
     mask, adv = torch.ones(2, 3), torch.tensor([1.0, -1.0])
     kl_token = math.exp(-0.5) + 0.5 - 1
     for kappa in ([1.0, 1.0], [0.25, 1.0]):
-        loss, stats = apo_loss(logp, old, ref, adv, torch.tensor(kappa), mask, kl_beta=1.0)
+        loss, stats = apo_loss(logp, old, ref, adv, torch.tensor(kappa), mask, 1.0, 0.2, "token", **whole(mask))
         assert stats["kl_loss"].item() == pytest.approx(kl_token * sum(kappa) / 2, abs=1e-6)
         assert stats["kl"].item() == pytest.approx(kl_token, abs=1e-6)  # the logged KL is unweighted
         assert stats["pg_loss"].item() == pytest.approx(0.0, abs=1e-7)
@@ -190,7 +196,7 @@ def test_dads_weights_scale_only_the_kl_term():
 def test_gradient_of_kl_pulls_toward_reference():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     loss, _ = apo_loss(logp, logp.detach(), torch.tensor([[-1.5, -1.5]]), torch.zeros(1), torch.ones(1),
-                       torch.ones(1, 2), kl_beta=1.0)
+                       torch.ones(1, 2), 1.0, 0.2, "token", token_total=2, seq_total=1)
     loss.backward()
     # d/dℓ_θ [e^(ℓ_ref−ℓ_θ) − (ℓ_ref−ℓ_θ) − 1] = 1 − e^(ℓ_ref−ℓ_θ), halved by the mean over 2 tokens
     expected = [(1 - math.exp(-0.5)) / 2, (1 - math.exp(0.5)) / 2]

@@ -5,13 +5,9 @@ import datasets
 import pytest
 from PIL import Image
 
-import apo
+import data
 import reward
 from conftest import geo3k_rows, png_bytes
-
-
-def args_for(data, **extra):
-    return apo.parse_args(["--data", str(data), *[f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]])
 
 
 def test_local_folder_in_hub_layout_loads_like_the_hub(geo3k_dir, monkeypatch):
@@ -24,20 +20,19 @@ def test_local_folder_in_hub_layout_loads_like_the_hub(geo3k_dir, monkeypatch):
         return real(str(geo3k_dir) if path == "hiyouga/geometry3k" else path, *a, **kw)
     monkeypatch.setattr(datasets, "load_dataset", recording)
 
-    from_hub, _ = apo.load_table(args_for("geo3k"))
-    from_folder, base = apo.load_table(args_for(geo3k_dir))
+    from_hub, _, _ = data.load_table("geo3k")
+    from_folder, base, columns = data.load_table(str(geo3k_dir))
     assert calls == [("hiyouga/geometry3k", "train"), (str(geo3k_dir), "train")]
-    assert len(from_hub) == len(from_folder) == 8 and base == geo3k_dir.resolve()
-    test_split, _ = apo.load_table(args_for(geo3k_dir, split="test"))
+    assert len(from_hub) == len(from_folder) == 8 and base == geo3k_dir.resolve() and columns == data.COLUMNS
+    test_split, _, _ = data.load_table(str(geo3k_dir), "test")
     assert len(test_split) == 2
 
 
 def test_real_geo3k_rows_prepare_and_their_golds_parse(geo3k_dir):
-    args = args_for(geo3k_dir)
-    table, base = apo.load_table(args)
+    table, base, columns = data.load_table(str(geo3k_dir))
     expected = geo3k_rows()[:8]
     for i in range(len(table)):
-        example = apo.prepare_example(table[i], args, base)
+        example = data.prepare_example(table[i], columns, base)
         assert example["images"][0].mode == "RGB" and example["images"][0].size[0] > 50
         assert example["problem"] == expected[i]["problem"] and example["answer"] == expected[i]["answer"]
         # the right choice, boxed or in answer tags, is correct; reward.py reads the gold as a whole expression
@@ -56,9 +51,8 @@ def test_parquet_and_jsonl_with_relative_image_paths(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # relative image paths resolve against the data file, not the working directory
     for name in ("data.jsonl", "data.parquet"):
-        args = args_for(tmp_path / name)
-        table, base = apo.load_table(args)
-        examples = [apo.prepare_example(table[i], args, base) for i in range(len(table))]
+        table, base, columns = data.load_table(str(tmp_path / name))
+        examples = [data.prepare_example(table[i], columns, base) for i in range(len(table))]
         assert [e["answer"] for e in examples] == ["5", "\\frac { 1 } { 2 }"]
         assert examples[0]["images"][0].size == (60, 40)
 
@@ -70,9 +64,9 @@ def test_authors_json_format(tmp_path):
     rows = [{"message": json.dumps(message), "answer": "$42$"},           # the README's form: a JSON-encoded string
             {"message": message, "answer": "$7$"}]                       # and an already-decoded list
     (tmp_path / "train.json").write_text(json.dumps(rows))
-    args = args_for(tmp_path / "train.json")
-    table, base = apo.load_table(args)
-    examples = [apo.prepare_example(table[i], args, base) for i in range(len(table))]
+    table, base, columns = data.load_table(str(tmp_path / "train.json"), columns=("img", "question", "answer"))
+    assert columns == data.COLUMNS  # converted to the geo3k columns, whatever the flags named
+    examples = [data.prepare_example(table[i], columns, base) for i in range(len(table))]
     assert [e["problem"] for e in examples] == ["How many points in the photo?"] * 2
     assert [e["answer"] for e in examples] == ["$42$", "$7$"]
     assert examples[0]["images"][0].size == (30, 30)
@@ -82,17 +76,17 @@ def test_schema_errors_are_clear(tmp_path):
     rows = [{"image": [png_bytes()], "question": "Find x.", "answer": "3"}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(ValueError, match=r"\['images', 'problem'\] not found.*--image-column"):
-        apo.load_table(args_for(tmp_path / "d.parquet"))
-    table, _ = apo.load_table(args_for(tmp_path / "d.parquet", image_column="image", problem_column="question"))
+        data.load_table(str(tmp_path / "d.parquet"))
+    table, _, _ = data.load_table(str(tmp_path / "d.parquet"), columns=("image", "question", "answer"))
     assert len(table) == 1  # renamed columns work
     datasets.Dataset.from_list([{"images": [png_bytes()], "problem": 3, "answer": "3"}]).to_parquet(
         str(tmp_path / "e.parquet"))
     with pytest.raises(ValueError, match="must hold text"):
-        apo.load_table(args_for(tmp_path / "e.parquet"))
+        data.load_table(str(tmp_path / "e.parquet"))
     datasets.Dataset.from_list([{"images": 7, "problem": "Find x.", "answer": "3"}]).to_parquet(
         str(tmp_path / "f.parquet"))
     with pytest.raises(ValueError, match="must hold images, paths or bytes, found int"):
-        apo.load_table(args_for(tmp_path / "f.parquet"))
+        data.load_table(str(tmp_path / "f.parquet"))
 
 
 @pytest.mark.parametrize("row, reason", [
@@ -104,14 +98,29 @@ def test_schema_errors_are_clear(tmp_path):
     ({"images": [png_bytes()], "problem": "Find x.", "answer": None}, "unparseable gold"),
 ])
 def test_bad_rows_are_named(tmp_path, row, reason):
-    args = args_for("x")
-    with pytest.raises(apo.BadRow, match=reason):
-        apo.prepare_example(row, args, tmp_path)
+    with pytest.raises(data.BadRow, match=reason):
+        data.prepare_example(row, data.COLUMNS, tmp_path)
 
 
 def test_data_order_is_a_seeded_permutation_per_pass():
-    first = [apo.data_order(5, p, seed=3, shuffle=True) for p in range(5)]
-    second = [apo.data_order(5, p, seed=3, shuffle=True) for p in range(5, 10)]
+    first = [data.data_order(5, p, seed=3, shuffle=True) for p in range(5)]
+    second = [data.data_order(5, p, seed=3, shuffle=True) for p in range(5, 10)]
     assert sorted(first) == sorted(second) == list(range(5)) and first != second
-    assert first == [apo.data_order(5, p, seed=3, shuffle=True) for p in range(5)]
-    assert [apo.data_order(5, p, seed=3, shuffle=False) for p in range(7)] == [0, 1, 2, 3, 4, 0, 1]
+    assert first == [data.data_order(5, p, seed=3, shuffle=True) for p in range(5)]
+    assert [data.data_order(5, p, seed=3, shuffle=False) for p in range(7)] == [0, 1, 2, 3, 4, 0, 1]
+
+
+
+def test_take_examples_skips_bad_rows_and_reads_on_from_its_position():
+    """Rows 1 and 3 of five are bad: two steps of 2 read rows 0, 2 then 4 and (a new pass) 0, naming the bad ones."""
+    def usable(row):
+        if row["bad"]:
+            raise data.BadRow(f"row {row['i']} is bad")
+        return row["i"]
+    table = [{"i": i, "bad": i in (1, 3)} for i in range(5)]
+    examples, position, skipped = data.take_examples(table, 2, 0, seed=0, shuffle=False, usable=usable)
+    assert (examples, position, [(i, str(e)) for i, e in skipped]) == ([0, 2], 3, [(1, "row 1 is bad")])
+    examples, position, skipped = data.take_examples(table, 2, position, seed=0, shuffle=False, usable=usable)
+    assert (examples, position, [i for i, _ in skipped]) == ([4, 0], 6, [3])
+    with pytest.raises(SystemExit, match="no usable row"):
+        data.take_examples([{"i": 0, "bad": True}], 1, 0, seed=0, shuffle=False, usable=usable)

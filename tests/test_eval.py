@@ -159,8 +159,7 @@ def local_copies(tmp_path_factory):
 
 
 def examples_of(name, local_copies):
-    import apo
-    examples, skipped = evaluate.load_examples(name, str(local_copies[name]), apo.Args())
+    examples, skipped = evaluate.load_examples(name, str(local_copies[name]))
     assert skipped == 0
     return examples
 
@@ -210,11 +209,10 @@ def test_mmmu_rows_carry_every_referenced_image_in_order(local_copies):
 
 
 def test_a_row_that_cannot_be_used_is_skipped_and_counted(tmp_path):
-    import apo
     rows = [dict(MATHVISTA[0], answer="96"), dict(MATHVISTA[1], decoded_image=None), MATHVISTA[2]]
     path = tmp_path / "mathvista.parquet"
     datasets.Dataset.from_list(rows, features=MATHVISTA_FEATURES).to_parquet(str(path))
-    examples, skipped = evaluate.load_examples("mathvista", str(path), apo.Args())
+    examples, skipped = evaluate.load_examples("mathvista", str(path))
     assert skipped == 2 and [e["answer"] for e in examples] == ["1.2"]
 
 
@@ -315,11 +313,9 @@ def test_score_needs_an_answer_and_never_raises():
 
 
 def test_training_format_scores_as_the_training_reward():
-    import apo
-    rows = geo3k_rows()
-    cfg = apo.Args()
-    for row in rows:
-        example = evaluate.training_example(row, cfg, None)
+    import data
+    for row in geo3k_rows():
+        example = evaluate.training_example(row, data.COLUMNS, None)
         for choice in json.loads((GEO3K_SAMPLE /
                                   str(row["id"]) / "data.json").read_text())["choices"]:
             assert evaluate.score(example, R(choice)) == reward.accuracy_reward(R(choice), row["answer"])

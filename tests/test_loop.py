@@ -9,10 +9,13 @@ import math
 import pytest
 import torch
 
+import adamw
 import apo
+import data
 import eval as evaluate
 import reward
 import rollout
+import run_folder
 import toy
 
 
@@ -28,7 +31,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.rollouts, self.steps, self.minibatch_rows = [], [], []
-        sample, step, gradients = rollout.sample_responses, apo.AdamW.step, apo.minibatch_gradients
+        sample, step, gradients = rollout.sample_responses, adamw.AdamW.step, apo.minibatch_gradients
 
         def sample_responses(*args, **kwargs):
             batch = sample(*args, **kwargs)
@@ -46,13 +49,13 @@ class Spy:
             return gradients(model, batch, rows, args)
 
         monkeypatch.setattr(rollout, "sample_responses", sample_responses)
-        monkeypatch.setattr(apo.AdamW, "step", optimizer_step)
+        monkeypatch.setattr(adamw.AdamW, "step", optimizer_step)
         monkeypatch.setattr(apo, "minibatch_gradients", minibatch_gradients)
 
 
 def model_with(weights: list):
     """The toy's starting model with `weights` (in model.parameters() order, as the optimizer holds them)."""
-    model, _ = apo.load_model("toy", torch.float32, torch.device("cpu"))
+    model, _ = run_folder.load_model("toy", torch.float32, torch.device("cpu"))
     with torch.no_grad():
         for p, w in zip(model.parameters(), weights):
             p.copy_(w)
@@ -123,7 +126,7 @@ STARTING = None  # the starting model's weights, set by the fixture below
 @pytest.fixture(scope="module", autouse=True)
 def starting_weights():
     global STARTING
-    model, _ = apo.load_model("toy", torch.float32, torch.device("cpu"))
+    model, _ = run_folder.load_model("toy", torch.float32, torch.device("cpu"))
     STARTING = [p.detach().clone() for p in model.parameters()]
 
 
@@ -256,9 +259,9 @@ def test_held_out_evaluations_are_greedy_in_training_and_in_eval(toy_dir, tmp_pa
     """The starting model's greedy answers to the 16 held-out problems, decoded by hand: the run's step-0
     evaluation reports their accuracy, format rate and length, and eval.py writes exactly those responses. (Sampled
     at T = 1, this model breaks its format about one time in eight: a sampling evaluation would not match.)"""
-    model, processor = apo.load_model("toy", torch.float32, torch.device("cpu"))
-    table, base = apo.load_table(apo.parse_args(["--data", str(toy_dir), "--split", "test"]))
-    examples = [apo.prepare_example(table[i], apo.parse_args(["--data", str(toy_dir)]), base) for i in range(16)]
+    model, processor = run_folder.load_model("toy", torch.float32, torch.device("cpu"))
+    table, base, columns = data.load_table(str(toy_dir), "test")
+    examples = [data.prepare_example(table[i], columns, base) for i in range(16)]
     texts = greedy_by_hand(model, processor, examples, 24)
     correct = [reward.accuracy_reward(t, e["answer"]) for t, e in zip(texts, examples)]
     assert 0 < sum(correct) < 16  # the model guesses: some right, some wrong

@@ -1,4 +1,4 @@
-"""The memory-saving pieces against independent routes: apo.AdamW (fp32: torch.optim.AdamW; bf16: the fp32 update in
+"""The memory-saving pieces against independent routes: adamw.AdamW (fp32: torch.optim.AdamW; bf16: the fp32 update in
 expectation, through stochastic rounding) and rollout.response_logprobs' chunked vocabulary projection (the naive
 full-logits log-softmax, values and gradients; and its peak memory)."""
 import json
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-import apo
+import adamw
 import rollout
 
 Z = 5  # statistical tests: |z| < 5 fails a correct implementation with probability 6e-7 (and the seeds are fixed)
@@ -20,14 +20,14 @@ Z = 5  # statistical tests: |z| < 5 fails a correct implementation with probabil
 def test_adamw_fp32_equals_torch_adamw(monkeypatch):
     """fp32 weights: the same numbers as torch.optim.AdamW, bit for bit, over several steps, with weight decay and
     gradients of very different scales; slices smaller than a parameter change nothing."""
-    monkeypatch.setattr(apo.AdamW, "slice_size", 100)  # the 64×33 and 1000-long parameters span several slices
+    monkeypatch.setattr(adamw.AdamW, "slice_size", 100)  # the 64×33 and 1000-long parameters span several slices
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 33), (1000,), (7, 5, 3), (1,)]
     init = [torch.randn(s, generator=gen) for s in shapes]
     ours = [torch.nn.Parameter(x.clone()) for x in init]
     theirs = [torch.nn.Parameter(x.clone()) for x in init]
     kwargs = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    opt_ours, opt_theirs = apo.AdamW(ours, **kwargs), torch.optim.AdamW(theirs, foreach=False, **kwargs)
+    opt_ours, opt_theirs = adamw.AdamW(ours, **kwargs), torch.optim.AdamW(theirs, foreach=False, **kwargs)
     for _ in range(6):
         for a, b in zip(ours, theirs):
             g = torch.randn(a.shape, generator=gen) * 10.0 ** torch.randint(-6, 2, a.shape, generator=gen)
@@ -46,7 +46,7 @@ def test_adamw_bf16_small_lr_moves_weights_as_fp32_in_expectation(monkeypatch):
     u_i = lr·g_i/(|g_i| + ε) ≈ 1e-6 = s/122. Round-to-nearest keeps every weight (u < s/2). Stochastic rounding
     moves weight i one spacing down with probability u_i/s, so its change Δ_i ∈ {0, −s} has mean −u_i and variance
     u_i(s − u_i): Σ Δ_i must lie within Z standard deviations of −Σ u_i (5σ is ±5% of the mean update here)."""
-    monkeypatch.setattr(apo.AdamW, "slice_size", 1 << 18)  # four slices
+    monkeypatch.setattr(adamw.AdamW, "slice_size", 1 << 18)  # four slices
     n, lr, eps, s = 1 << 20, 1e-6, 1e-8, 2.0 ** -13
     gen = torch.Generator().manual_seed(1)
     magnitude = 2.0 ** -6 + s + torch.rand(n, generator=gen) * (2.0 ** -6 - 2 * s)  # away from the binade's edges
@@ -54,7 +54,7 @@ def test_adamw_bf16_small_lr_moves_weights_as_fp32_in_expectation(monkeypatch):
     w0 = (sign * magnitude).to(torch.bfloat16)
     weight = torch.nn.Parameter(w0.clone())
     weight.grad = (1e-3 + torch.rand(n, generator=gen)).to(torch.bfloat16)  # positive: every weight moves down
-    apo.AdamW([weight], lr=lr, eps=eps).step()
+    adamw.AdamW([weight], lr=lr, eps=eps).step()
 
     g = weight.grad.double()
     u = lr * g / (g.abs() + eps)                                 # the fp32 (exact) update, float64 here
@@ -70,7 +70,7 @@ def test_adamw_bf16_small_lr_moves_weights_as_fp32_in_expectation(monkeypatch):
 # ----------------------------------------------------------------------------------------- stochastic rounding
 def bf16_neighbours(x: torch.Tensor):
     """The bf16 values just below and above each x (equal when x is a bf16 value), by torch's own round-to-nearest
-    conversion and nextafter: independent of the bit arithmetic of apo.stochastic_round_to_bf16."""
+    conversion and nextafter: independent of the bit arithmetic of adamw.stochastic_round_to_bf16."""
     nearest = x.to(torch.bfloat16)
     down = torch.nextafter(nearest, torch.full_like(nearest, -math.inf))
     up = torch.nextafter(nearest, torch.full_like(nearest, math.inf))
@@ -84,15 +84,15 @@ def test_stochastic_rounding_lands_on_a_neighbour():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(200_000, generator=gen) * 10.0 ** torch.randint(-30, 30, (200_000,), generator=gen).float()
     x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, -2.5, 1e-40, -3e-39, 3.0e38])])  # exact values, subnormals
-    out = apo.stochastic_round_to_bf16(x)
+    out = adamw.stochastic_round_to_bf16(x)
     lo, hi = bf16_neighbours(x)
     assert out.dtype == torch.bfloat16
     assert ((out == lo) | (out == hi)).all()
     representable = x.to(torch.bfloat16).float() == x
     assert representable.sum() >= 6 and torch.equal(out[representable].float(), x[representable])
     special = torch.tensor([math.inf, -math.inf, math.nan])
-    assert torch.equal(apo.stochastic_round_to_bf16(special)[:2].float(), special[:2])
-    assert apo.stochastic_round_to_bf16(special)[2].isnan()
+    assert torch.equal(adamw.stochastic_round_to_bf16(special)[:2].float(), special[:2])
+    assert adamw.stochastic_round_to_bf16(special)[2].isnan()
 
 
 @pytest.mark.parametrize("lo_value, fraction", [(1.0, 0.1), (1.0, 0.5), (-3.0, 0.9), (2.0 ** -100, 0.3),
@@ -105,7 +105,7 @@ def test_stochastic_rounding_is_unbiased(lo_value, fraction):
     x = lo.double() + fraction * (hi.double() - lo.double())
     K = 200_000
     torch.manual_seed(3)
-    out = apo.stochastic_round_to_bf16(x.float().expand(K).contiguous())
+    out = adamw.stochastic_round_to_bf16(x.float().expand(K).contiguous())
     assert ((out == lo) | (out == hi)).all()
     away = (out == hi).sum().item()
     p = ((x.float().double() - lo.double()) / (hi.double() - lo.double())).item()  # x as fp32 (it is rounded once)
@@ -117,7 +117,7 @@ def test_stochastic_rounding_mean_error_is_zero():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1_000_000, generator=gen) * 0.02
     torch.manual_seed(5)
-    err = apo.stochastic_round_to_bf16(x).double() - x.double()
+    err = adamw.stochastic_round_to_bf16(x).double() - x.double()
     lo, hi = bf16_neighbours(x)
     variance = ((x.double() - lo.double()) * (hi.double() - x.double())).sum()
     assert abs(err.sum() / variance.sqrt()).item() < Z

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import adamw
 import apo
 import parallel_worker
+import run_folder
 from conftest import REPO, Processes, wait_for
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
@@ -26,7 +28,7 @@ def run_worker(task, model_dir, out, **options):
 def single(tiny_model_dir):
     """The single-process route: the tiny model and the shared batch, in this process."""
     torch.set_num_threads(1)
-    model, processor = apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     return model, processor, parallel_worker.make_batch(model, processor)
 
 
@@ -63,7 +65,7 @@ def test_bf16_replicas_stay_bit_identical(tiny_model_dir, tmp_path):
     run_worker("updates", tiny_model_dir, tmp_path, bf16=True, steps=3)
     digests = [(tmp_path / f"digest-{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
-    start_model, _ = apo.load_model(str(tiny_model_dir), torch.bfloat16, torch.device("cpu"))
+    start_model, _ = run_folder.load_model(str(tiny_model_dir), torch.bfloat16, torch.device("cpu"))
     assert digests[0] != parallel_worker.weights_digest(start_model)
 
 
@@ -71,11 +73,11 @@ def test_fsdp_update_equals_the_unsharded_one(tiny_model_dir, single, tmp_path):
     """One optimizer step with FSDP2 (weights, gradients and Adam moments sharded over 2 ranks, the batch split,
     gradient checkpointing on) gives the weights of one process updating on the whole batch (fp32)."""
     run_worker("updates", tiny_model_dir, tmp_path, fsdp=True, steps=1, checkpointing=True)
-    model, processor = apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     model.train()
     batch = parallel_worker.make_batch(model, processor)
     model.train()
-    apo.update_policy(model, batch, apo.AdamW(model.parameters(), lr=1e-3, seed=0),
+    apo.update_policy(model, batch, adamw.AdamW(model.parameters(), lr=1e-3, seed=0),
                       parallel_worker.args_for({}), [1e-3])
     got = torch.load(tmp_path / "weights.pt", weights_only=True)["weights"]
     expected = model.state_dict()
@@ -175,8 +177,8 @@ def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_mode
     assert (run / "checkpoint-000001" / "sharded" / ".metadata").exists()
     assert not (run / "checkpoint-000001" / "model.safetensors").exists()  # the weights are in sharded/
     first = read_jsonl(run / "metrics.jsonl")
-    final, _ = apo.load_model(str(run / "final"), torch.float32, torch.device("cpu"))  # a plain HF folder
-    start_model, _ = apo.load_model(str(toy_model), torch.float32, torch.device("cpu"))
+    final, _ = run_folder.load_model(str(run / "final"), torch.float32, torch.device("cpu"))  # a plain HF folder
+    start_model, _ = run_folder.load_model(str(toy_model), torch.float32, torch.device("cpu"))
     assert not all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), start_model.state_dict().values()))
 
     import shutil
@@ -184,7 +186,7 @@ def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_mode
     shutil.rmtree(run / "checkpoint-000002")
     Processes(command + ["--resume"], world=2).finish()
     assert strip(read_jsonl(run / "metrics.jsonl")) == strip(first)
-    again, _ = apo.load_model(str(run / "final"), torch.float32, torch.device("cpu"))
+    again, _ = run_folder.load_model(str(run / "final"), torch.float32, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), final.state_dict().values()))
 
 

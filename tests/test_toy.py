@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import apo
+import data
 import eval as evaluate
 import reward
 import rollout
+import run_folder
 import toy
 from conftest import geo3k_rows
 
@@ -46,17 +48,16 @@ def test_the_answer_is_in_the_image_and_only_there():
 
 
 def test_toy_dataset_goes_through_the_training_data_path():
-    args = apo.parse_args(["--data", "toy", "--split", "test"])
-    table, base = apo.load_table(args)
+    table, base, columns = data.load_table("toy", "test")
     assert len(table) == toy.SPLIT_SIZES["test"] and base is None
-    example = apo.prepare_example(table[3], args, base)
+    example = data.prepare_example(table[3], columns, base)
     assert example["images"][0].size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE)
     assert example["answer"] == toy.toy_rows("test", seed=0)[3]["answer"]
 
 
 @pytest.fixture(scope="module")
 def starting_model():
-    return apo.load_model("toy", torch.float32, torch.device("cpu"))
+    return run_folder.load_model("toy", torch.float32, torch.device("cpu"))
 
 
 def greedy_on_test(model, processor, n=64) -> tuple:
@@ -119,7 +120,7 @@ def test_a_short_apo_run_with_the_toy_preset_learns_what_the_reward_asks_for(tmp
         "--preset", "toy", "--data", str(data), "--out", str(tmp_path / out), "--steps", str(steps),
         "--save-every", "1000", "--eval-every", "0", *extra]))
     out = run("apo", 20)
-    after = answer_margin(*apo.load_model(str(out / "final"), torch.float32, torch.device("cpu")), held_out)
+    after = answer_margin(*run_folder.load_model(str(out / "final"), torch.float32, torch.device("cpu")), held_out)
     assert after > start + 1.2, (start, after)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(m["reward"] for m in metrics[-5:]) > sum(m["reward"] for m in metrics[:5])
@@ -164,7 +165,7 @@ def test_plot_run_draws_the_curves_of_a_run_folder(tmp_path):
              None if s < 2 else 20.0, "response_length_wrong": 22.0, "kl": 0.01 * s, "entropy": 0.3,
              "dads_weight_pos_mean": None, "stcr_mult_neg_mean": 1.0, "stcr_mult_neg_max": 1.00002} for s in range(8)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = apo.plot_curves([tmp_path], tmp_path / "curves.png")
+    path = run_folder.plot_curves([tmp_path], tmp_path / "curves.png")
     assert path == tmp_path / "curves.png"
     assert Image.open(path).size[0] > 500
 

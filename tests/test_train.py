@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import adamw
 import apo
+import data
 import rollout
+import run_folder
 import toy
 from conftest import REPO, Processes, png_bytes, wait_for, write_hub_layout
 
@@ -28,7 +31,7 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
-    return apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    return run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
 
 
 def rollout_with_rewards(model, processor, rewards, correct):
@@ -39,7 +42,7 @@ def rollout_with_rewards(model, processor, rewards, correct):
     torch.manual_seed(0)
     batch = rollout.sample_responses(model, processor, prompts, 4, rollout.generation_config(processor, 6, 1.0, 1.0))
     lengths = batch["lengths"].view(2, 4)
-    advantages = apo.stcr_weights(correct, lengths) * apo.grpo_advantages(rewards)
+    advantages = apo.stcr_multiplier(correct, lengths) * apo.grpo_advantages(rewards)
     batch["advantages"] = advantages.flatten()
     batch["kl_weights"] = apo.dads_kl_weights(advantages, correct).flatten()
     return batch
@@ -47,8 +50,8 @@ def rollout_with_rewards(model, processor, rewards, correct):
 
 @pytest.mark.parametrize("mini_batch_size", [8, 3])  # on-policy (one step), and off-policy (3 steps, ℓ_old used)
 def test_one_update_changes_every_trainable_parameter(tiny_model_dir, mini_batch_size):
-    model, processor = apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
-    reference, _ = apo.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    reference, _ = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     args = apo.parse_args(["--mini-batch-size", str(mini_batch_size), "--micro-batch-size", "2", "--lr", "1e-4"])
     rewards = torch.tensor([[1.5, 0.5, 0.0, 0.5], [0.0, 1.0, 1.5, 0.0]])
     batch = rollout_with_rewards(model, processor, rewards, rewards >= 1.0)
@@ -56,7 +59,7 @@ def test_one_update_changes_every_trainable_parameter(tiny_model_dir, mini_batch
     if mini_batch_size < 8:
         batch["old_logp"], _ = rollout.batched_logprobs(model, batch, 1.0, 4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = apo.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw.AdamW(model.parameters(), lr=1e-4)
     n_steps = -(-8 // mini_batch_size)
     stats = apo.update_policy(model, batch, optimizer, args, [1e-4] * n_steps)
     assert stats["finite"] == [True] * n_steps
@@ -66,13 +69,13 @@ def test_one_update_changes_every_trainable_parameter(tiny_model_dir, mini_batch
 
 
 def test_non_finite_update_is_skipped(policy):
-    model, processor = apo.load_model(policy[0].name_or_path, torch.float32, torch.device("cpu"))
+    model, processor = run_folder.load_model(policy[0].name_or_path, torch.float32, torch.device("cpu"))
     rewards = torch.tensor([[1.5, 0.5, 0.0, 0.5], [0.0, 1.0, 1.5, 0.0]])
     batch = rollout_with_rewards(model, processor, rewards, rewards >= 1.0)
     batch["advantages"][3] = float("nan")
     batch["ref_logp"] = None
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = apo.AdamW(model.parameters(), lr=1e-3)
+    optimizer = adamw.AdamW(model.parameters(), lr=1e-3)
     stats = apo.update_policy(model, batch, optimizer, apo.parse_args(["--mini-batch-size", "8"]), [1e-3])
     assert stats["finite"] == [False]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -86,9 +89,9 @@ def test_checkpoint_reloads_with_identical_outputs(policy, tmp_path):
     with torch.no_grad():
         norm.mul_(1.5)  # not the initial weights: the reload must carry them
     try:
-        apo.save_checkpoint(tmp_path, "checkpoint-000001", model, processor, {"state": {"step": 1}})
+        run_folder.save_checkpoint(tmp_path, "checkpoint-000001", model, processor, {"state": {"step": 1}})
         assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "checkpoint-000001" / "model.safetensors").exists()
-        reloaded, reprocessor = apo.load_model(str(tmp_path / "checkpoint-000001"), torch.float32,
+        reloaded, reprocessor = run_folder.load_model(str(tmp_path / "checkpoint-000001"), torch.float32,
                                                torch.device("cpu"))
         from PIL import Image
         inputs = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
@@ -105,17 +108,17 @@ def test_checkpoint_reloads_with_identical_outputs(policy, tmp_path):
 def test_keep_last_and_atomic_final(policy, tmp_path):
     model, processor = policy
     for step in (1, 2, 3):
-        apo.save_checkpoint(tmp_path, f"checkpoint-{step:06d}", model, processor, {"state": {"step": step}},
+        run_folder.save_checkpoint(tmp_path, f"checkpoint-{step:06d}", model, processor, {"state": {"step": step}},
                             keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
     # a save killed halfway leaves only a hidden temporary folder (here with a state that claims step 4): a resume
     # takes the last complete checkpoint, whole
     (tmp_path / ".tmp-checkpoint-000004").mkdir()
     (tmp_path / ".tmp-checkpoint-000004" / "trainer_state.json").write_text(json.dumps({"step": 4}))
-    assert apo.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-000003"
+    assert run_folder.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-000003"
     assert (tmp_path / "checkpoint-000003" / "model.safetensors").exists()
-    apo.save_checkpoint(tmp_path, "final", model, processor)
-    apo.save_checkpoint(tmp_path, "final", model, processor)  # rewriting final/ replaces it whole
+    run_folder.save_checkpoint(tmp_path, "final", model, processor)
+    run_folder.save_checkpoint(tmp_path, "final", model, processor)  # rewriting final/ replaces it whole
     assert (tmp_path / "final" / "config.json").exists() and not list(tmp_path.glob(".old-*"))
 
 
@@ -199,8 +202,8 @@ def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupte
     out = apo.train(apo.parse_args(args))
     uninterrupted = final_state(out)
     logs = {name: read_jsonl(out / f"{name}.jsonl") for name in ("metrics", "samples")}
-    start, _ = apo.load_model("toy", getattr(torch, dtype), torch.device("cpu"))
-    end, _ = apo.load_model(str(out / "final"), getattr(torch, dtype), torch.device("cpu"))
+    start, _ = run_folder.load_model("toy", getattr(torch, dtype), torch.device("cpu"))
+    end, _ = run_folder.load_model(str(out / "final"), getattr(torch, dtype), torch.device("cpu"))
     moved = [n for (n, a), b in zip(start.named_parameters(), end.parameters()) if not torch.equal(a, b)]
     assert len(moved) > 0.9 * len(list(start.parameters()))  # the weights moved, and the moments are not zero
     assert all(m["exp_avg"].abs().sum() > 0 for m in uninterrupted[1].values())
@@ -254,8 +257,9 @@ def test_sigterm_saves_and_exits_cleanly(toy_dir, tmp_path):
 def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="No CUDA GPU found.*--device cpu"):
-        apo.resolve_device(apo.parse_args([]))
-    assert apo.resolve_device(apo.parse_args(["--device", "cpu"])) == (torch.device("cpu"), torch.float32)
+        run_folder.resolve_device("auto", "auto", "Qwen/Qwen2.5-VL-3B-Instruct", "geo3k")
+    assert run_folder.resolve_device("cpu", "auto", "Qwen/Qwen2.5-VL-3B-Instruct", "geo3k") == (
+        torch.device("cpu"), torch.float32)
 
 
 def test_a_finished_run_can_be_extended(toy_dir, tmp_path, capsys):
@@ -300,10 +304,10 @@ def test_held_out_evaluation_during_training(tiny_model_dir, geo3k_dir, tmp_path
     evals = read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3] and all(e["problems"] == 2 for e in evals)  # the 2 test rows
     # the last line, recomputed by hand from the trained model's greedy answers to the two test problems
-    model, processor = apo.load_model(str(out / "final"), torch.float32, torch.device("cpu"))
+    model, processor = run_folder.load_model(str(out / "final"), torch.float32, torch.device("cpu"))
     cfg = apo.parse_args(args)
-    table, base = apo.load_table(apo.parse_args(args + ["--split", "test"]))
-    examples = [apo.prepare_example(table[i], cfg, base) for i in range(2)]
+    table, base, columns = data.load_table(str(geo3k_dir), "test")
+    examples = [data.prepare_example(table[i], columns, base) for i in range(2)]
     prompts = rollout.encode_prompts(processor, [e["images"] for e in examples], [e["problem"] for e in examples],
                                      cfg.min_pixels, cfg.max_pixels)
     greedy = rollout.sample_responses(model, processor, prompts, 1,
