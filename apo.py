@@ -202,6 +202,13 @@ def stcr_multiplier(correct: torch.Tensor, lengths: torch.Tensor, base: float = 
     return (1 + w).float()                                                  # 1 + w_i, [B, G]
 
 
+# ------------------------------------------------------------------------------------------ difficulty, §3
+def difficulty(correct: torch.Tensor) -> torch.Tensor:
+    """A prompt's difficulty d (APO_SPEC §3): the share of its group that got it wrong, by the accuracy alone.
+    correct [B, G] (bool) -> [B, 1]."""
+    return 1 - correct.float().sum(-1, keepdim=True) / correct.shape[-1]           # d_g = 1 − k_g/G
+
+
 # ------------------------------------------------------------------------------------------------ DADS, §5
 def dads_kl_weights(advantages: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """DADS's KL weight κ of each response (APO_SPEC §3, §5). advantages [B, G] (after STCR), correct [B, G]
@@ -215,10 +222,9 @@ def dads_kl_weights(advantages: torch.Tensor, correct: torch.Tensor) -> torch.Te
     - "positive" is Â > 0, not "correct": a wrong but well-formatted answer in a group whose others lack the
       format has Â > 0, and so gets κ < 1 too.
     (The authors' code also holds, commented out, the variant f(d) = exp(−e·d); not implemented here.)"""
-    G = correct.shape[-1]
-    difficulty = 1 - correct.float().sum(-1, keepdim=True) / G                    # d_g = 1 − k_g/G, [B, 1]
-    f = 1 - torch.exp(-math.e * (1 - difficulty))                                 # f(d) = 1 − e^(−e·(1 − d))
-    f = torch.where((difficulty == 0) | (difficulty == 1), torch.ones_like(f), f)  # f(0) = f(1) = 1
+    d = difficulty(correct)                                                       # [B, 1]
+    f = 1 - torch.exp(-math.e * (1 - d))                                          # f(d) = 1 − e^(−e·(1 − d))
+    f = torch.where((d == 0) | (d == 1), torch.ones_like(f), f)                   # f(0) = f(1) = 1
     return torch.where(advantages > 0, f.expand_as(advantages), torch.ones_like(advantages))  # κ_i, [B, G]
 
 
@@ -347,14 +353,14 @@ def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the step
 def apo_step(policy, reference, processor, optimizer, examples: list, state: dict, args: Args) -> tuple:
-    """One step of APO on the step's B examples: rollout → reward → Â⁰ → STCR → DADS → ℓ_old, ℓ_ref → update.
-    `state` holds the loop's counters: the step adds its optimizer steps, and those skipped as non-finite.
-    Returns the step's metrics (a line of metrics.jsonl) and its first --log-samples groups (samples.jsonl).
+    """One step of APO on the step's B examples: rollout → reward → Â⁰ → STCR → DADS → ℓ_old, ℓ_ref → update;
+    returns the step's metrics (a line of metrics.jsonl) and its logged groups (lines of samples.jsonl).
+    `state` holds the loop's counters: the step adds its optimizer steps, and those it skipped as non-finite.
 
     Many GPUs: every process holds the same B examples, keeps its block of B/W (whole groups, so the group
     terms need no communication), and meets the others only in `parallel` calls (no-ops on one process)."""
     step, G = state["step"], args.group_size
-    timer = time.perf_counter()
+    clock = [time.perf_counter()]  # the ends of the phases: rollout, reward, log-probs, update
     # --- rollout: G responses per prompt (rollout.py), keyed by (seed, step, prompt, sample)
     mine = parallel.share(list(range(len(examples))))
     examples = [examples[i] for i in mine]
@@ -365,17 +371,15 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
     with parallel.full_weights(policy):  # --fsdp: the whole weights on every process, gathered once
         batch = rollout.sample_responses(policy, processor, prompts, G, sampling, args.generation_batch_size,
                                          seed=(args.seed, step), first_prompt=mine[0])
-    seconds = [time.perf_counter() - timer]
+    clock.append(time.perf_counter())
 
     # --- reward (APO_SPEC §1): r_i = acc_i + fmt_i
-    timer = time.perf_counter()
     golds = [e["answer"] for e in examples for _ in range(G)]
     accuracy = torch.tensor([reward.accuracy_reward(t, a) for t, a in zip(batch["texts"], golds)])  # acc, [N]
     fmt = torch.tensor([reward.format_reward(t) for t in batch["texts"]])                           # fmt, [N]
     rewards = (accuracy + fmt).view(B, G)                                         # r, [B, G]
     correct = (accuracy > 0).view(B, G)  # by the accuracy alone, never the reward (§3, §4), [B, G]
     lengths = batch["lengths"].view(B, G)                                         # |o|, [B, G]
-    seconds.append(time.perf_counter() - timer)
 
     # --- the asymmetric terms: GRPO's Â⁰ (§2), STCR on negatives (§4), DADS on positives (§5)
     advantages0 = grpo_advantages(rewards)                                                    # Â⁰, [B, G]
@@ -383,19 +387,18 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
     advantages = stcr * advantages0                                                           # Â, [B, G]
     kl_weights = dads_kl_weights(advantages, correct) if args.dads else torch.ones(B, G)      # κ, [B, G]
     batch["advantages"], batch["kl_weights"] = advantages.flatten(), kl_weights.flatten()     # [N]
+    clock.append(time.perf_counter())
 
     # --- ℓ_old of the rollout-time policy (one optimizer step per rollout: ℓ_θ itself) and ℓ_ref, [N, T]
-    timer = time.perf_counter()
     n_updates = math.ceil(args.prompts_per_step * G / args.mini_batch_size)
     if n_updates > 1:
         batch["old_logp"], _ = rollout.batched_logprobs(policy, batch, args.temperature,
                                                         args.micro_batch_size, args.logprob_chunk)
     batch["ref_logp"] = (rollout.batched_logprobs(reference, batch, args.temperature, args.micro_batch_size,
                                                   args.logprob_chunk)[0] if reference is not None else None)
-    seconds.append(time.perf_counter() - timer)
+    clock.append(time.perf_counter())
 
     # --- update (§8): one pass over the B·G responses in mini-batches, one optimizer step each
-    timer = time.perf_counter()
     total_updates = state["steps"] * n_updates
     lrs = [cosine_schedule(state["updates"] + i, total_updates, args.warmup_ratio, args.lr, args.min_lr)
            for i in range(n_updates)]
@@ -404,7 +407,8 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
     for finite in sums.pop("finite"):
         state["bad_in_a_row"] = 0 if finite else state["bad_in_a_row"] + 1
         state["skipped_updates"] += not finite
-    seconds = parallel.total(seconds + [time.perf_counter() - timer], op="max")  # the slowest process's
+    clock.append(time.perf_counter())
+    seconds = parallel.total([b - a for a, b in zip(clock, clock[1:])], op="max")  # the slowest process's
 
     # --- the step's metrics, over all B·G responses: every process's, gathered in prompt order (means of
     # per-process means would be wrong for the conditional ones)
@@ -442,9 +446,13 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
         "seconds_logprobs": seconds[2],
         "seconds_update": seconds[3],
     }
-    samples = [{"step": step, "problem": examples[b]["problem"], "answer": examples[b]["answer"],
-                "responses": batch["texts"][b * G:(b + 1) * G], "rewards": rewards[b].tolist(),
-                "advantages": advantages[b].tolist()} for b in range(min(args.log_samples, B))]
+    # the first --log-samples groups, with the step's numbers for each response (eval.py --explain shows them)
+    per_response = {"rewards": rewards, "advantages": advantages, "lengths": lengths, "correct": correct,
+                    "advantages0": advantages0, "stcr_multipliers": stcr, "kl_weights": kl_weights}
+    samples = [{"step": step, "problem": e["problem"], "answer": e["answer"], "row": e.get("row"),
+                "difficulty": d.item(), "responses": batch["texts"][b * G:(b + 1) * G],
+                **{k: v[b].tolist() for k, v in per_response.items()}}
+               for b, (e, d) in enumerate(zip(examples[:args.log_samples], difficulty(correct)))]
     return metrics, samples
 
 

@@ -140,15 +140,15 @@ def permutation(n: int, seed: int) -> list:
 
 
 def take_examples(table, n: int, position: int, seed: int, shuffle: bool, usable) -> tuple:
-    """The next `n` usable rows from data position `position` on (`usable`: row -> example, or BadRow).
-    Returns (examples, the position after the last row read, [(row index, reason)] for each row skipped).
-    (Reading a row decodes its image: a corrupt one fails right here.)"""
+    """The next `n` usable rows from data position `position` on (`usable`: row -> example, or BadRow), each
+    example with its "row" index. Returns (examples, the position after the last row read, [(row index, reason)]
+    for each row skipped). (Reading a row decodes its image: a corrupt one fails right here.)"""
     examples, skipped = [], []
     while len(examples) < n:
         index = data_order(len(table), position, seed, shuffle)
         position += 1
         try:
-            examples.append(usable(table[index]))
+            examples.append({**usable(table[index]), "row": index})
         except (BadRow, OSError) as err:
             skipped.append((index, err))
             if len(skipped) > len(table):

@@ -116,11 +116,12 @@ def test_take_examples_skips_bad_rows_and_reads_on_from_its_position():
     def usable(row):
         if row["bad"]:
             raise data.BadRow(f"row {row['i']} is bad")
-        return row["i"]
+        return {"problem": f"problem {row['i']}"}
     table = [{"i": i, "bad": i in (1, 3)} for i in range(5)]
     examples, position, skipped = data.take_examples(table, 2, 0, seed=0, shuffle=False, usable=usable)
-    assert (examples, position, [(i, str(e)) for i, e in skipped]) == ([0, 2], 3, [(1, "row 1 is bad")])
+    assert examples == [{"problem": "problem 0", "row": 0}, {"problem": "problem 2", "row": 2}]  # row: its index
+    assert (position, [(i, str(e)) for i, e in skipped]) == (3, [(1, "row 1 is bad")])
     examples, position, skipped = data.take_examples(table, 2, position, seed=0, shuffle=False, usable=usable)
-    assert (examples, position, [i for i, _ in skipped]) == ([4, 0], 6, [3])
+    assert ([e["row"] for e in examples], position, [i for i, _ in skipped]) == ([4, 0], 6, [3])
     with pytest.raises(SystemExit, match="no usable row"):
         data.take_examples([{"i": 0, "bad": True}], 1, 0, seed=0, shuffle=False, usable=usable)

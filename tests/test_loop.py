@@ -75,12 +75,14 @@ def naive_logprobs(model, batch, rows, temperature) -> list:
     return out
 
 
-def apo_terms(texts, lengths, golds, G, stcr_base, dads=True, stcr=True, correct_by=None):
-    """Â and κ of every response, worked out with plain Python from the formulas (APO_SPEC §2-§5)."""
+def apo_terms(texts, lengths, golds, G, stcr_base, dads=True, stcr=True, correct_by=None) -> dict:
+    """Â, κ and what goes into them, for every response, worked out with plain Python from the formulas
+    (APO_SPEC §1-§5): lists over the responses, and the difficulty d over the groups."""
     acc = [reward.accuracy_reward(t, g) for t, g in zip(texts, golds)]
     r = [a + reward.format_reward(t) for a, t in zip(acc, texts)]
     correct = [c > 0 for c in (correct_by or acc)]
-    advantages, kappas = [], []
+    out = {"rewards": r, "accuracy": acc, "advantages0": [], "multipliers": [], "advantages": [], "kappas": [],
+           "difficulty": []}
     for g in range(len(texts) // G):
         idx = range(g * G, (g + 1) * G)
         mean = sum(r[i] for i in idx) / G
@@ -89,13 +91,16 @@ def apo_terms(texts, lengths, golds, G, stcr_base, dads=True, stcr=True, correct
         L_plus = sum(lengths[i] for i in idx if correct[i]) / k if k else None
         d = 1 - k / G
         f = 1.0 if d in (0, 1) else 1 - math.exp(-math.e * (1 - d))
+        out["difficulty"].append(d)
         for i in idx:
             a0 = (r[i] - mean) / (std + 1e-9)
             delta = lengths[i] - L_plus if L_plus is not None else 0
             w = 1 - stcr_base ** -delta if stcr and not correct[i] and k and delta > 0 else 0.0
-            advantages.append((1 + w) * a0)
-            kappas.append(f if dads and advantages[-1] > 0 else 1.0)
-    return advantages, kappas, acc, r
+            out["advantages0"].append(a0)
+            out["multipliers"].append(1 + w)
+            out["advantages"].append((1 + w) * a0)
+            out["kappas"].append(f if dads and out["advantages"][-1] > 0 else 1.0)
+    return out
 
 
 def hand_gradient(weights, batch, rows, old_weights, advantages, kappas, args, policy_temperature=None):
@@ -150,7 +155,7 @@ def test_a_step_gives_the_gradient_of_the_apo_loss_written_out(toy_dir, tmp_path
     spy = Spy(monkeypatch)
     flags = ["--prompts-per-step", "6", "--group-size", "8", "--mini-batch-size", "48", "--micro-batch-size", "5",
              "--temperature", "1.3", "--kl-beta", "0.5", "--stcr-base", "1.5", "--grad-clip", "1e9", "--lr", "1e-3",
-             "--steps", "2"] + (["--no-dads", "--no-stcr"] if method == "grpo" else [])
+             "--steps", "2", "--log-samples", "6"] + (["--no-dads", "--no-stcr"] if method == "grpo" else [])
     args = apo.parse_args(loop_args(toy_dir, tmp_path / "run", *flags))
     apo.train(args)
     assert len(spy.steps) == 2  # one optimizer step per rollout: on-policy, ℓ_old = ℓ_θ
@@ -159,16 +164,31 @@ def test_a_step_gives_the_gradient_of_the_apo_loss_written_out(toy_dir, tmp_path
     lengths = batch["lengths"].tolist()
     rows = list(range(48))
     is_apo = method == "apo"
-    advantages, kappas, acc, rewards = apo_terms(batch["texts"], lengths, golds, 8, 1.5, is_apo, is_apo)
+    terms = apo_terms(batch["texts"], lengths, golds, 8, 1.5, is_apo, is_apo)
+    advantages, kappas = terms["advantages"], terms["kappas"]
     expected, _ = hand_gradient(step["weights"], batch, rows, step["weights"], advantages, kappas, args)
     assert_same_gradient(step["grads"], expected)
+    # samples.jsonl carries each logged response's numbers: those worked out here
+    logged = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in logged] == [0] * 6 + [1] * 6  # --log-samples 6: every group of the step
+    for g, sample in enumerate(logged[6:]):
+        group = slice(8 * g, 8 * g + 8)
+        assert sample["row"] == 6 + g and sample["answer"] == golds[8 * g]  # no shuffle: rows 6-11
+        assert sample["responses"] == batch["texts"][group] and sample["lengths"] == lengths[group]
+        assert sample["correct"] == [a > 0 for a in terms["accuracy"][group]]
+        assert sample["rewards"] == pytest.approx(terms["rewards"][group])
+        assert sample["difficulty"] == pytest.approx(terms["difficulty"][g])
+        for key, name in (("advantages0", "advantages0"), ("stcr_multipliers", "multipliers"),
+                          ("advantages", "advantages"), ("kl_weights", "kappas")):
+            assert sample[key] == pytest.approx(terms[name][group], rel=1e-5, abs=1e-6), key
     print(f"\n{method}: gradient off by {gradient_distance(step['grads'], expected):.1e} of its largest entry")
 
     if is_apo:  # the batch is one where each wiring fault changes the gradient
-        plain_adv, plain_kappa, _, _ = apo_terms(batch["texts"], lengths, golds, 8, 1.5, False, False)
+        plain = apo_terms(batch["texts"], lengths, golds, 8, 1.5, False, False)
+        plain_adv, plain_kappa = plain["advantages"], plain["kappas"]
         assert min(kappas) < 0.9 and max(a / b for a, b in zip(advantages, plain_adv) if b) > 1.05
-        by_reward, by_reward_kappa, _, _ = apo_terms(batch["texts"], lengths, golds, 8, 1.5,
-                                                     correct_by=[x > 0 for x in rewards])
+        wrong_correct = apo_terms(batch["texts"], lengths, golds, 8, 1.5, correct_by=[x > 0 for x in terms["rewards"]])
+        by_reward, by_reward_kappa = wrong_correct["advantages"], wrong_correct["kappas"]
         for wrong_adv, wrong_kappa in ((plain_adv, kappas), (advantages, plain_kappa),
                                        (by_reward, by_reward_kappa)):
             other, _ = hand_gradient(step["weights"], batch, rows, step["weights"], wrong_adv, wrong_kappa, args)
@@ -189,7 +209,8 @@ def test_off_policy_steps_use_the_rollout_time_policy_and_the_clip_binds(toy_dir
     batch, steps = spy.rollouts[0], spy.steps
     assert len(steps) == 4 and sorted(sum(spy.minibatch_rows, [])) == list(range(32))
     golds = [r["answer"] for r in toy.toy_rows("train", seed=0)[:4] for _ in range(8)]
-    advantages, kappas, _, _ = apo_terms(batch["texts"], batch["lengths"].tolist(), golds, 8, args.stcr_base)
+    terms = apo_terms(batch["texts"], batch["lengths"].tolist(), golds, 8, args.stcr_base)
+    advantages, kappas = terms["advantages"], terms["kappas"]
     rollout_weights = steps[0]["weights"]
     clipped_shares = []
     for step, rows in zip(steps, spy.minibatch_rows):
@@ -218,8 +239,8 @@ def test_the_on_policy_shortcut_gives_the_gradient_of_a_separate_pass(toy_dir, t
         copy = model_with(spy.steps[0]["weights"])
         one = {**batch, "ref_logp": rollout.batched_logprobs(model_with(STARTING), batch, args.temperature, 4)[0]}
         golds = [r["answer"] for r in toy.toy_rows("train", seed=0)[:2] for _ in range(8)]
-        advantages, kappas, _, _ = apo_terms(batch["texts"], batch["lengths"].tolist(), golds, 8, args.stcr_base)
-        one.update(advantages=torch.tensor(advantages), kl_weights=torch.tensor(kappas))
+        terms = apo_terms(batch["texts"], batch["lengths"].tolist(), golds, 8, args.stcr_base)
+        one.update(advantages=torch.tensor(terms["advantages"]), kl_weights=torch.tensor(terms["kappas"]))
         if old_logp is not None:
             one["old_logp"] = old_logp
         copy.zero_grad()
