@@ -25,6 +25,7 @@ the problem, then "think in <think>, answer in <answer>"); `score` checks the fi
 import argparse
 import ast
 import dataclasses
+import html
 import json
 import re
 from pathlib import Path
@@ -335,6 +336,96 @@ def bar_chart(results: dict, benches: list, path: Path):
     plt.close(fig)
 
 
+# -------------------------------------------------------------------------------------------- a run, explained
+PAGE_STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222}
+nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #ddd}
+section.group{border:1px solid #ccc;border-radius:6px;margin:1em 0;padding:.8em;display:grid;
+grid-template-columns:240px 1fr;gap:1em}
+.group img{max-width:240px;border:1px solid #eee}.problem{white-space:pre-wrap}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #eee;padding:.25em .4em;
+vertical-align:top;text-align:right;white-space:nowrap}td.text{text-align:left;width:60%;white-space:normal}
+tr.right{background:#e8f6e8}tr.wrong{background:#fbeaea}
+pre{white-space:pre-wrap;margin:.2em 0;font-size:12px}.answer{font-weight:600}"""
+
+
+def _image_uri(image, size: int = 240) -> str:
+    """A PIL image as an inline data: URI (PNG, at most `size` px a side): the page needs no other file."""
+    import base64
+    import io
+
+    image = image.copy()
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _response_cells(text: str, limit: int) -> str:
+    """A response as the page shows it: its answer, then the whole text (the thinking included) folded away,
+    cut at `limit` characters; every character escaped, so that no response can break the page."""
+    answer = reward.extract_answer(text)
+    shown = text if len(text) <= limit else text[:limit] + f" … ({len(text) - limit} more characters)"
+    head = f'<div class="answer">answer: {html.escape(answer)}</div>' if answer else "<div>no answer</div>"
+    return f"{head}<details><summary>response</summary><pre>{html.escape(shown)}</pre></details>"
+
+
+def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
+    """RUN/explain.html: the curves of a run folder, then each logged group of (at most `max_steps`, evenly
+    spread, first and last included) logged steps: its image, problem, gold and difficulty, and its G responses
+    with reward, Â⁰, 1 + w, Â, κ and length, green when right, red when wrong. Self-contained (images inline,
+    one line of script for the step selector, which also works as plain links)."""
+    import base64
+    import tempfile
+
+    args = json.loads((run / "args.json").read_text())
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    steps = sorted({s["step"] for s in samples})
+    if len(steps) > max_steps:  # evenly spread over the run
+        steps = sorted({steps[round(i * (len(steps) - 1) / (max_steps - 1))] for i in range(max_steps)})
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = base64.b64encode(run_folder.plot_curves([run], Path(tmp) / "c.png").read_bytes()).decode()
+    try:  # the images come from the training data, by row
+        table, base, columns = data.load_table(args["data"], args["split"], (args["image_column"],
+                                                                           args["problem_column"],
+                                                                           args["answer_column"]))
+    except (ValueError, OSError) as err:
+        table, why = None, f"the data is not at hand: {err}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
+             f"<style>{PAGE_STYLE}</style></head><body><h1>{html.escape(str(run))}</h1>",
+             f"<p>{html.escape(args['model'])} on {html.escape(args['data'])}: {len(steps)} of the logged steps "
+             f"shown (<code>--explain-steps</code>). Green: a right answer, red: a wrong one. Â⁰: the group "
+             f"advantage; 1 + w: STCR's multiplier (wrong answers longer than the right ones); Â = (1 + w)·Â⁰; κ: "
+             f"DADS's KL weight (positives of hard groups).</p>",
+             "<nav>step <select onchange=\"location.hash=this.value\">" +
+             "".join(f'<option value="step-{t}">{t}</option>' for t in steps) + "</select> " +
+             " ".join(f'<a href="#step-{t}">{t}</a>' for t in steps) + "</nav>",
+             f'<img alt="curves" src="data:image/png;base64,{curves}" style="max-width:100%">']
+    for t in steps:
+        parts.append(f'<h2 id="step-{t}">step {t}</h2>')
+        for s in (s for s in samples if s["step"] == t):
+            try:
+                row = table[s["row"]]
+                image = f'<img alt="image" src="{_image_uri(data.prepare_example(row, columns, base)["images"][0])}">'
+            except (TypeError, KeyError, IndexError, data.BadRow) as err:
+                image = f"<p>no image ({html.escape(why if table is None else str(err))})</p>"
+            rows = []
+            for i, text in enumerate(s["responses"]):
+                numbers = [s[k][i] if k in s else None for k in ("rewards", "advantages0", "stcr_multipliers",
+                                                                  "advantages", "kl_weights", "lengths")]
+                cells = "".join("<td>-</td>" if v is None else f"<td>{v:.6g}</td>" for v in numbers)
+                right = s.get("correct", [None] * len(s["responses"]))[i]
+                rows.append(f'<tr class="{"right" if right else "wrong"}"><td>{i}</td>{cells}'
+                            f'<td class="text">{_response_cells(text, max_chars)}</td></tr>')
+            parts.append(f'<section class="group"><div>{image}</div><div><div class="problem">'
+                         f'{html.escape(s["problem"])}</div><p>gold: <b>{html.escape(str(s["answer"]))}</b>, '
+                         f'difficulty d = {s.get("difficulty", float("nan")):.3f}</p><table><tr><th>#</th>'
+                         "<th>reward</th><th>Â⁰</th><th>1 + w</th><th>Â</th><th>κ</th><th>tokens</th>"
+                         f'<th>response</th></tr>{"".join(rows)}</table></div></section>')
+    path = run / "explain.html"
+    path.write_text("\n".join(parts) + "\n</body></html>\n")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -360,9 +451,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--plot", nargs="+", metavar="RUN", help="draw the training curves of these run folders into "
                    "--out (a .png) instead of evaluating")
+    p.add_argument("--explain", metavar="RUN", help="write RUN/explain.html instead of evaluating: the curves and "
+                   "each logged group (image, problem, gold, responses with reward, advantages, KL weight, length), "
+                   "self-contained, for at most --explain-steps steps and 3,000 characters a response")
+    p.add_argument("--explain-steps", type=int, default=30, help="steps shown by --explain, evenly spread over "
+                   "the run (bounds the page's size)")
     a = p.parse_args(argv)
     if a.baseline == a.model:
         p.error("--baseline names the model itself")
+    if a.explain:
+        print(f"wrote {explain(Path(a.explain), a.explain_steps)}")
+        return
     if a.plot:
         out = Path(a.out or "curves.png")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 texts from ../shared/BENCHMARKS.md, images drawn with PIL), written as local copies in the Hub layout, then mapped
 (`benchmark_example`), scored (`score`) and evaluated end to end on the tiny model."""
 import json
+from html.parser import HTMLParser
 
 import datasets
 import pytest
@@ -367,3 +368,58 @@ def test_response_length_limits(tmp_path, tiny_model_dir, geo3k_dir, local_copie
 def test_unknown_benchmark_is_a_clear_error():
     with pytest.raises(SystemExit):
         evaluate.main(["--bench", "mathvision"])
+
+
+# --- eval.py --explain -------------------------------------------------------------------------------------------
+class Page(HTMLParser):
+    """What a browser would build from the page: tags opened, the text inside <pre>, images, options, groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.pre, self.images, self.options, self.groups, self.rows, self._in_pre = [], [], [], [], 0, 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self._in_pre += tag == "pre"
+        if tag == "pre":
+            self.pre.append("")
+        self.images += [attrs["src"]] if tag == "img" else []
+        self.options += [attrs["value"]] if tag == "option" else []
+        self.groups += tag == "section" and attrs.get("class") == "group"
+        self.rows += tag == "tr" and attrs.get("class") in ("right", "wrong")
+
+    def handle_endtag(self, tag):
+        self._in_pre -= tag == "pre"
+
+    def handle_data(self, text):
+        if self._in_pre:
+            self.pre[-1] += text
+
+
+def test_explain_page_shows_every_logged_group_escaped_and_bounded(tmp_path, toy_dir):
+    """A run's page: the curves, then each logged group of the shown steps with its image and all G responses.
+    Responses are text, never markup: one holding <script> or closing tags leaves the page's structure whole."""
+    import apo
+    out = apo.train(apo.parse_args(["--model", "toy", "--data", str(toy_dir), "--out", str(tmp_path / "run"),
+                                    "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "20",
+                                    "--steps", "3", "--eval-every", "0", "--log-samples", "2"]))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    hostile = ["<script>alert(1)</script>", "</pre></td></tr></table></section><em>bold", "<think>a</think><answer>"
+               "</div>x</answer>", "y" * 5000]
+    samples.append(dict(samples[-1], step=3, responses=hostile))
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+    for steps_shown, expected_steps in ((30, [0, 1, 2, 3]), (2, [0, 3])):
+        evaluate.main(["--explain", str(out), "--explain-steps", str(steps_shown)])
+        page = Page()
+        page.feed((out / "explain.html").read_text())
+        assert "script" not in page.tags and "em" not in page.tags  # no response became markup
+        assert page.options == [f"step-{t}" for t in expected_steps]  # the selector; first and last always
+        shown = [s for s in samples if s["step"] in expected_steps]
+        assert page.groups == len(shown) and page.rows == 4 * len(shown)  # 2 groups a step (1 at step 3)
+        texts = [r if len(r) <= 3000 else r[:3000] + f" … ({len(r) - 3000} more characters)"
+                 for s in shown for r in s["responses"]]
+        assert page.pre == texts  # every response, in order, as text (cut at 3,000 characters)
+        assert len(page.images) == 1 + len(shown) and all(i.startswith("data:image/png;base64,") for i in page.images)
+    assert (out / "explain.html").stat().st_size < 400_000
