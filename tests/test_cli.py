@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import apo
+from conftest import DEADLINE_S
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["apo.py", "eval.py", "bench.py"]
@@ -16,7 +17,7 @@ SCRIPTS = ["apo.py", "eval.py", "bench.py"]
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_works_and_lists_every_flag(script):
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
-                            cwd=REPO)
+                            cwd=REPO, timeout=DEADLINE_S)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage:")
     if script == "apo.py":  # one flag per Args field, each with its docstring as help (some hold a literal %)
