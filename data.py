@@ -94,9 +94,13 @@ def read_dataset(source: str, split: str = "train", config: str | None = None):
             sys.exit(f"{source}: the file is empty")
         try:
             return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-        except datasets.exceptions.DatasetGenerationError:
-            where = json_error(path) if FILE_BUILDERS[path.suffix] == "json" else None
-            if where is None:
+        except (datasets.exceptions.DatasetGenerationError, ValueError):  # (ValueError: pyarrow's, pandas')
+            if FILE_BUILDERS[path.suffix] != "json":
+                raise
+            if not path.read_text(errors="replace").strip():
+                sys.exit(f"{source}: the file is empty")
+            where = json_error(path)
+            if where is None:  # not a mistake this can name
                 raise
             sys.exit(f"{source}: not JSON at {where}")
     if path.is_file():
