@@ -146,7 +146,7 @@ class Args:
     save_every: int = 50
     """rollout steps between checkpoints"""
     keep_last: int = 2
-    """checkpoints kept (the oldest are deleted)"""
+    """checkpoints kept (the oldest are deleted; 0: all)"""
     log_samples: int = 2
     """prompts per step whose responses go to samples.jsonl"""
     preset: str = ""

@@ -111,7 +111,7 @@ def read_dataset(source: str, split: str = "train", config: str | None = None):
         except HFValidationError:  # '/x/y', 'a/b/c', './x': a path, not a Hub id
             sys.exit(f"{source}: no such file or folder")
     try:
-        return datasets.load_dataset(source, config, split=split)
+        return datasets.load_dataset(source, config, split=split)  # (datasets 5 never runs a dataset's own code)
     except ConnectionError:  # datasets' "Couldn't reach ... on the Hub" (HF_HUB_OFFLINE, or no network)
         import huggingface_hub
         why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "no network?"

@@ -39,7 +39,7 @@ def resolve_device(device: str, dtype: str, model: str, data: str) -> tuple:
             sys.exit(f"No CUDA GPU found. Training {model} on a CPU would take hours per step; "
                      "pass --device cpu to force it anyway, or try `python apo.py --data toy` (minutes on a CPU).")
     elif device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-        sys.exit(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) found; pass --device cpu to use the CPU")
+        sys.exit(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) found; pass --device cpu for the CPU")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     if device == "cpu" and "toy" in (model, data):
@@ -80,6 +80,7 @@ def checkpoint_errors(name: str):
     """A checkpoint that cannot be found or read, as one line that says what to do (SystemExit: no traceback):
     a path that does not exist, a folder without config.json or with files missing, a Hub id while the Hub cannot
     be reached (HF_HUB_OFFLINE, or no network) or that it does not know. Any other error goes through."""
+    import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -97,9 +98,9 @@ def checkpoint_errors(name: str):
         if folder.exists():  # a folder with config.json, but weights or processor files missing or broken
             raise SystemExit(f"model {name}: {str(err).strip().splitlines()[0]}") from None
         if caused_by(err, LocalEntryNotFoundError):  # not in the local cache, and the Hub unreachable
-            raise SystemExit(f"model {name}: no such folder, and the Hub cannot be reached to download it "
-                             f"({'HF_HUB_OFFLINE is set' if hub_offline() else 'no network?'}): pass a local "
-                             "folder with --model PATH, or connect to the Hub") from None
+            why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "no network?"
+            raise SystemExit(f"model {name}: no such folder, and the Hub cannot be reached to download it ({why}): "
+                             "pass a local folder with --model PATH, or connect to the Hub") from None
         if caused_by(err, RepositoryNotFoundError):  # (also a gated or private one, without a login that may)
             raise SystemExit(f"model {name}: no such folder, nor a model on the Hub that this login may read "
                              "(a private or gated one needs `hf auth login`)") from None
@@ -111,11 +112,6 @@ def caused_by(err: BaseException, kind) -> bool:
     while err is not None and not isinstance(err, kind):
         err = err.__cause__ or err.__context__
     return err is not None
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-    return constants.HF_HUB_OFFLINE
 
 
 def load_models(model: str, resume_from: Path | None, with_reference: bool, gradient_checkpointing: bool,
