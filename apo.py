@@ -38,6 +38,7 @@ import dataclasses
 import inspect
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ class Args:
     save_every: int = 50
     """rollout steps between checkpoints"""
     keep_last: int = 2
-    """checkpoints kept (the oldest are deleted)"""
+    """checkpoints kept (the oldest are deleted; 0: all)"""
     log_samples: int = 2
     """prompts per step whose responses go to samples.jsonl"""
     preset: str = ""
@@ -471,10 +472,13 @@ def train(args: Args) -> Path:
     if args.prompts_per_step % world or args.mini_batch_size % world:
         sys.exit(f"--prompts-per-step ({args.prompts_per_step}) and --mini-batch-size "
                  f"({args.mini_batch_size}) must divide by the number of processes ({world})")
-    resume_from = run_folder.open_run(out, dataclasses.asdict(args), args.resume, args.fsdp, world)
+    resume_from = run_folder.open_run(out, args.resume, args.fsdp)  # checks only: nothing is written yet
     columns = (args.image_column, args.problem_column, args.answer_column)
     table, base, columns = data.load_table(args.data, args.split, columns)
     steps = args.steps or args.epochs * len(table) // args.prompts_per_step
+    if steps == 0:
+        sys.exit(f"--epochs {args.epochs} over the {len(table)} rows of {args.data} make no step of "
+                 f"--prompts-per-step {args.prompts_per_step}: pass --steps N")
     # the policy, and the frozen reference it is kept close to (§6): the starting model, also on resuming
     policy, reference, processor = run_folder.load_models(
         args.model, resume_from, args.kl_beta > 0, args.gradient_checkpointing, args.fsdp, dtype, device,
@@ -492,6 +496,7 @@ def train(args: Args) -> Path:
         held_out = data.held_out_examples(args.eval_data or args.data, args.eval_split, columns,
                                           args.eval_limit, processor, args.min_pixels, args.max_pixels,
                                           args.max_prompt_tokens, say)
+    run_folder.start_run(out, dataclasses.asdict(args), world, resume_from)  # all loaded: the run starts here
     due = {done for done in range(state["step"], steps + 1)
            if held_out and (done % args.eval_every == 0 or done == steps)}
     due -= run_folder.logged_steps(out, "eval")  # (a resumed run does not evaluate twice)
@@ -581,8 +586,71 @@ PRESETS = {
 }
 
 
+# Each flag's meaningful range: (Args field, test, the range in words). `parse_args` checks every one before
+# anything loads, and eval.py and bench.py check their flags of the same name against it. A new flag: one line.
+RANGES = [
+    ("group_size", lambda v: v >= 2, ">= 2 (advantages are relative to the group)"),
+    ("kl_beta", lambda v: v >= 0, ">= 0 (0: no reference model)"),
+    ("clip_eps", lambda v: v > 0, "> 0"),
+    ("stcr_base", lambda v: v >= 1, ">= 1 (1: no STCR weight; below 1 it would favour long wrong answers)"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("grad_clip", lambda v: v > 0, "> 0"),
+    ("loss_agg", lambda v: v in ("token", "sequence"), "'token' or 'sequence'"),
+    ("temperature", lambda v: v > 0, "> 0 (responses are sampled)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
+    ("mini_batch_size", lambda v: v >= 1, ">= 1"),
+    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("steps", lambda v: v >= 0, ">= 0 (0: --epochs passes over the data)"),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: abs(v) < 2 ** 62, "an integer in (-2^62, 2^62)"),  # torch seeds are 64-bit
+    ("model", lambda v: v != "", "a Hub id or a folder"),
+    ("data", lambda v: v != "", "a data set: geo3k, toy, a Hub id, a folder or a file"),
+    ("max_prompt_tokens", lambda v: v >= 1, ">= 1"),
+    ("min_pixels", lambda v: v >= 1, ">= 1"),
+    ("max_pixels", lambda v: v >= 1, ">= 1"),
+    ("out", lambda v: v != "", "a folder name"),
+    ("eval_every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("eval_limit", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("save_every", lambda v: v >= 1, ">= 1"),
+    ("keep_last", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("log_samples", lambda v: v >= 0, ">= 0"),
+    ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("dtype", lambda v: v in ("auto", "bfloat16", "float32"), "'auto', 'bfloat16' or 'float32'"),
+    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("generation_batch_size", lambda v: v >= 0, ">= 0 (0: all B·G at once)"),
+    ("logprob_chunk", lambda v: v >= 1, ">= 1"),
+    ("max_bad_updates", lambda v: v >= 1, ">= 1"),
+]
+ORDERED = [("min_lr", "lr"), ("min_pixels", "max_pixels")]  # (low, high): low <= high
+
+
+def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED):
+    """Stop as argparse does (its usage, then "error: argument --lr: must be > 0, got -1.0", exit 2) at the first
+    of `values` (field -> value; absent or None: not checked) outside its range, or a low above its high. A float
+    must also be finite: no range means inf or nan."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name, test, allowed in ranges:
+        value = values.get(name)
+        if value is None:
+            continue
+        numbers = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(x) for x in numbers if isinstance(x, float)):
+            parser.error(f"argument {flag(name)}: must be a finite number, got {value!r}")
+        if not test(value):
+            parser.error(f"argument {flag(name)}: must be {allowed}, got {value!r}")
+    for low, high in ordered:
+        if values.get(low) is not None and values.get(high) is not None and values[low] > values[high]:
+            parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got {values[low]!r}")
+
+
 def parse_args(argv=None) -> Args:
-    """Command line from the Args dataclass: one flag per field, its help being the field's docstring."""
+    """Command line from the Args dataclass: one flag per field, its help being the field's docstring; every value
+    checked against RANGES (a bad one stops here, exit 2)."""
     source = ast.parse(inspect.getsource(Args)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(source, source[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
@@ -600,18 +668,11 @@ def parse_args(argv=None) -> Args:
     known, _ = parser.parse_known_args(argv)
     preset = known.preset or ("toy" if known.data == "toy" else "")
     if preset not in ("", *PRESETS):
-        parser.error(f"--preset must be one of {sorted(PRESETS)}")
+        parser.error(f"argument --preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
     parser.set_defaults(**PRESETS.get(preset, {}))
     args = Args(**vars(parser.parse_args(argv)))
     args.adam_betas = tuple(args.adam_betas)
-    for flag, value, allowed in (("--loss-agg", args.loss_agg, ("token", "sequence")),
-                                 ("--dtype", args.dtype, ("auto", "bfloat16", "float32"))):
-        if value not in allowed:
-            parser.error(f"{flag} must be one of {', '.join(allowed)}")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        parser.error("--device must be 'auto', 'cpu' or 'cuda' (or 'cuda:N')")
-    if args.group_size < 2:
-        parser.error("--group-size must be at least 2: advantages are relative to the group")
+    check_ranges(parser, dataclasses.asdict(args))
     return args
 
 

@@ -52,6 +52,13 @@ FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", 
          "gradient_checkpointing"]
 
 
+RANGES = [  # this script's own flags, as apo.RANGES (those of FLAGS, and --seed, are checked against its)
+    ("steps", lambda v: v >= 1, ">= 1 (the last is reported)"),
+    ("threads", lambda v: v >= 1, ">= 1"),
+    ("image_size", lambda v: min(v) >= 1, "two sizes >= 1"),
+]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["tiny", "3b"], required=True)
@@ -77,12 +84,13 @@ def parse_args(argv=None):
         else:
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
-    if a.steps < 1:
-        p.error("--steps must be at least 1")
     a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
+    apo.check_ranges(p, vars(a), RANGES)
     preset = dict(TINY if a.config == "tiny" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
-    return a, apo.Args(**preset)
+    s = apo.Args(**preset)
+    apo.check_ranges(p, {**{k: getattr(s, k) for k in FLAGS}, "seed": a.seed})  # training's flags, its ranges
+    return a, s
 
 
 # ----------------------------------------------------------------------------------------------- model and prompts

@@ -3,7 +3,9 @@
 - Sources (`load_table`): 'geo3k' (hiyouga/geometry3k), 'toy' (toy.py), any Hub dataset id, a local folder laid out
   like one, a .parquet or .jsonl/.json file with the geo3k columns (images, problem with its '<image>' mark, answer),
   or a .json/.jsonl file in the authors' format (a 'message' chat list with image paths, plus 'answer'). Every source
-  goes through `datasets`, so a local folder in the Hub layout and the Hub id take the same path.
+  goes through `datasets`, so a local folder in the Hub layout and the Hub id take the same path. Data that cannot be
+  found or read (no such file, a broken JSON line, the Hub offline) stops in one line that says what to do
+  (`read_dataset`: SystemExit, exit status 1, no traceback).
 - Rows (`usable_example`): one image, a problem, a gold that reward.py can read, and a prompt that fits
   --max-prompt-tokens. A row that is none of these is a `BadRow`: the loop skips it, counts it and names it once.
   A missing column or a column of the wrong type is an error at start, not a bad row.
@@ -15,6 +17,7 @@ import functools
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -31,44 +34,127 @@ class BadRow(ValueError):
     """A row that cannot be trained on (missing image, empty problem, unparseable gold): skipped and counted."""
 
 
+class NoSplit(SystemExit):
+    """The data has no such split, or it is empty: training stops with this message, held-out evaluation is skipped."""
+
+
 def load_table(data: str, split: str = "train", columns: tuple = COLUMNS) -> tuple:
     """The rows of `data` (split `split`) as an indexable table, the folder that relative image paths are resolved
     against, and the table's (image, problem, answer) column names: `columns`, or the geo3k ones for data in the
-    authors' format, which is converted to them."""
-    import datasets
-
+    authors' format, which is converted to them. Data that cannot be found or read, or lacks a column, stops here in
+    one line (SystemExit, `read_dataset`)."""
     if data == "toy":
         import toy
+        if split not in toy.SPLIT_SIZES:
+            raise NoSplit(f"toy: no split {split!r}; it has {', '.join(toy.SPLIT_SIZES)}")
         return toy.toy_dataset(split), None, COLUMNS  # the same images whatever --seed: runs compare on one test split
     name = HUB_ALIASES.get(data, data)
     path = Path(name)
-    if path.suffix in (".json", ".jsonl"):
-        table = datasets.load_dataset("json", data_files=str(path), split="train")
-        if "message" in table.column_names:  # the authors' format: a chat list (often JSON-encoded) + answer
-            table = table.map(from_authors_format, remove_columns=table.column_names,
-                              fn_kwargs={"answer_column": columns[2]})
-            columns = COLUMNS
-        base = path.resolve().parent
-    elif path.suffix == ".parquet":
-        table, base = datasets.load_dataset("parquet", data_files=str(path), split="train"), path.resolve().parent
-    else:  # a Hub dataset id, or a local folder laid out like one (data/train-*.parquet, ...)
-        table = datasets.load_dataset(name, split=split)  # (datasets 5 never runs a dataset's own code)
-        base = path.resolve() if path.is_dir() else None
+    table = read_dataset(name, split)
+    base = path.resolve().parent if path.suffix in FILE_BUILDERS else path.resolve() if path.is_dir() else None
+    if path.suffix in (".json", ".jsonl") and "message" in table.column_names:
+        # the authors' format: a chat list (often JSON-encoded) + answer
+        table = table.map(from_authors_format, remove_columns=table.column_names,
+                          fn_kwargs={"answer_column": columns[2]})
+        columns = COLUMNS
     image_column, problem_column, answer_column = columns
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{data}: column(s) {missing} not found; it has {table.column_names}. "
-                         "Name the right ones with --image-column / --problem-column / --answer-column.")
+        sys.exit(f"{data}: column(s) {missing} not found; it has {table.column_names}. "
+                 "Name the right ones with --image-column / --problem-column / --answer-column.")
     if len(table) == 0:
-        raise ValueError(f"{data} ({split}) has no rows")
+        raise NoSplit(f"{data} ({split}) has no rows")
     first = table[0]
     if not isinstance(first[problem_column], str):
-        raise ValueError(f"{data}: column {problem_column!r} must hold text, "
-                         f"found {type(first[problem_column]).__name__}")
+        sys.exit(f"{data}: column {problem_column!r} must hold text, found {type(first[problem_column]).__name__}")
     if not isinstance(first[image_column], (list, dict, str, bytes, Image.Image)):
-        raise ValueError(f"{data}: column {image_column!r} must hold images, paths or bytes, "
-                         f"found {type(first[image_column]).__name__}")
+        sys.exit(f"{data}: column {image_column!r} must hold images, paths or bytes, "
+                 f"found {type(first[image_column]).__name__}")
     return table, base, columns
+
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # file suffix -> datasets builder
+
+
+def read_dataset(source: str, split: str = "train", config: str | None = None):
+    """datasets.load_dataset of a .parquet/.json/.jsonl file (its rows), a local folder in the Hub layout or a Hub
+    id (split `split` of config `config`). A user's mistake stops here in one line that names the culprit
+    (SystemExit; NoSplit for a split it lacks): no such file or folder, a file that is not what its name says (the
+    line where a JSON file breaks), a Hub id while the Hub cannot be reached. Any other error goes through."""
+    import datasets
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(source)
+    if path.suffix in FILE_BUILDERS:
+        if not path.is_file():
+            sys.exit(f"{source}: no such file")
+        if path.suffix == ".parquet" and not is_parquet(path):
+            sys.exit(f"{source}: not a parquet file (it lacks parquet's PAR1 marks at its start and end)")
+        if path.stat().st_size == 0:
+            sys.exit(f"{source}: the file is empty")
+        try:
+            return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except (datasets.exceptions.DatasetGenerationError, ValueError):  # (ValueError: pyarrow's, pandas')
+            if FILE_BUILDERS[path.suffix] != "json":
+                raise
+            if not path.read_text(errors="replace").strip():
+                sys.exit(f"{source}: the file is empty")
+            where = json_error(path)
+            if where is None:  # not a mistake this can name
+                raise
+            sys.exit(f"{source}: not JSON at {where}")
+    if path.is_file():
+        sys.exit(f"{source}: a file, but not .parquet, .json or .jsonl")
+    if not path.exists():
+        try:
+            validate_repo_id(source)
+        except HFValidationError:  # '/x/y', 'a/b/c', './x': a path, not a Hub id
+            sys.exit(f"{source}: no such file or folder")
+    try:
+        return datasets.load_dataset(source, config, split=split)  # (datasets 5 never runs a dataset's own code)
+    except ConnectionError:  # datasets' "Couldn't reach ... on the Hub" (HF_HUB_OFFLINE, or no network)
+        import huggingface_hub
+        why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "no network?"
+        sys.exit(f"{source}: not a local file or folder, and the Hub cannot be reached ({why}) to download this "
+                 "data set, nor does its cache hold it. Pass a local copy with --data: a folder in the Hub layout "
+                 f"(data/{split}-*.parquet; `hf download {source} --repo-type dataset --local-dir DIR` makes one "
+                 "where the Hub can be reached), or a .parquet or .jsonl file")
+    except FileNotFoundError as err:  # a folder without data files; a Hub id the Hub does not know
+        if path.is_dir():
+            sys.exit(f"{source}: no data files in this folder (the Hub layout: data/{split}-*.parquet, ...)")
+        sys.exit(f"{source}: {str(err).strip().splitlines()[0]}")  # (datasets: "... doesn't exist on the Hub")
+    except ValueError as err:
+        if not str(err).startswith("Unknown split"):  # datasets: 'Unknown split "x". Should be one of [...]'
+            raise
+        raise NoSplit(f"{source}: no split {split!r} ({err})") from None
+
+
+def is_parquet(path: Path) -> bool:
+    """A parquet file starts and ends with b'PAR1'."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, path.stat().st_size - 4))
+        return head == f.read(4) == b"PAR1"
+
+
+def json_error(path: Path) -> str | None:
+    """Where a JSON file breaks, "line N, column C (the reason)"; None if it does not. A .json file may hold one
+    document or, as a .jsonl, one per line (datasets reads both)."""
+    text = path.read_text(errors="replace")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":  # (extra data: more than one document, so JSON lines)
+                return f"line {err.lineno}, column {err.colno} ({err.msg})"
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}, column {err.colno} ({err.msg})"
+    return None
 
 
 def from_authors_format(row: dict, answer_column: str = "answer") -> dict:
@@ -159,14 +245,15 @@ def take_examples(table, n: int, position: int, seed: int, shuffle: bool, usable
 def held_out_examples(data: str, split: str, columns: tuple, limit: int, processor, min_pixels: int,
                       max_pixels: int, max_prompt_tokens: int, say=print) -> list:
     """The problems evaluated during training: the usable rows of `data` in `split`, up to `limit` of them (0: all);
-    [] when there is no such split (a single file has none). `say` tells the log which, and why."""
-    if Path(data).suffix in (".json", ".jsonl", ".parquet"):
+    [] when there is no such split (a single file has none), or it is empty. `say` tells the log which, and why.
+    Other mistakes (no such data, a missing column) stop the run, as they do for the training data."""
+    if Path(data).suffix in FILE_BUILDERS:
         say(f"no held-out evaluation: {data} has no {split} split (name one with --eval-data)")
         return []
     try:
         table, base, columns = load_table(data, split, columns)
-    except ValueError as err:  # datasets: "Unknown split"
-        say(f"no held-out evaluation: {err}")
+    except NoSplit as err:
+        say(f"no held-out evaluation: {err.code}")
         return []
     examples, skipped = [], 0
     for index in range(len(table)):

@@ -153,13 +153,12 @@ def load_examples(name: str, source: str, split: str = "test", limit: int = 0) -
     if name in BENCHMARKS and name != "geo3k":
         hub_id, config, split = BENCHMARKS[name]
         source = source or hub_id
-        if source.endswith(".parquet"):
-            table = datasets.load_dataset("parquet", data_files=source, split="train")
-        else:
-            configs = list(config) if isinstance(config, tuple) else [config]
-            if isinstance(config, tuple) and Path(source).is_dir():  # a local copy may hold some subjects only
-                configs = [c for c in datasets.get_dataset_config_names(source) if c in config]
-            table = datasets.concatenate_datasets([datasets.load_dataset(source, c, split=split) for c in configs])
+        configs = list(config) if isinstance(config, tuple) else [config]
+        if Path(source).suffix in data.FILE_BUILDERS:  # a file (.parquet) is one table, of all configs and splits
+            configs = [None]
+        elif isinstance(config, tuple) and Path(source).is_dir():  # a local copy may hold some subjects only
+            configs = [c for c in datasets.get_dataset_config_names(source) if c in config]
+        table = datasets.concatenate_datasets([data.read_dataset(source, split, c) for c in configs])
         make, base = (lambda row: benchmark_example(name, row)), None
     else:
         table, base, columns = data.load_table(source or name, split)
@@ -427,6 +426,15 @@ def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------- main
+RANGES = [  # this script's own flags, as apo.RANGES (--device, --dtype, --seed and --temperature: as training's)
+    ("samples", lambda v: v >= 0, ">= 0 (0: none)"),
+    ("max_new_tokens", lambda v: v >= 0, ">= 0 (0: the default)"),
+    ("max_pixels", lambda v: v >= 0, ">= 0 (0: training's)"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("limit", lambda v: v >= 0, ">= 0 (0: all)"),
+]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy", help="checkpoint to evaluate: Hub id, folder, or 'toy'")
@@ -457,12 +465,18 @@ def main(argv=None):
     p.add_argument("--explain-steps", type=int, default=30, help="steps shown by --explain, evenly spread over "
                    "the run (bounds the page's size)")
     a = p.parse_args(argv)
+    apo.check_ranges(p, vars(a), RANGES)
+    apo.check_ranges(p, {"device": a.device, "dtype": a.dtype, "seed": a.seed,
+                         "temperature": a.temperature if a.samples else None})  # (unused without samples)
     if a.baseline == a.model:
         p.error("--baseline names the model itself")
     if a.explain:
         print(f"wrote {explain(Path(a.explain), a.explain_steps)}")
         return
     if a.plot:
+        for run in a.plot:
+            if not (Path(run) / "metrics.jsonl").is_file():
+                raise SystemExit(f"--plot {run}: not a run folder (no metrics.jsonl in it)")
         out = Path(a.out or "curves.png")
         out.parent.mkdir(parents=True, exist_ok=True)
         run_folder.plot_curves(a.plot, out)
@@ -491,11 +505,14 @@ def main(argv=None):
                       "seed": a.seed, "device": a.device, "dtype": a.dtype, "temperature": a.temperature})
     cfg.max_pixels = a.max_pixels or cfg.max_pixels
     tokens = {b: a.max_new_tokens or (2048 if b in PAPER else cfg.max_new_tokens) for b in benches}
+    models = [a.model] + ([a.baseline] if a.baseline else [])
+    for name in [m for m in models if m != "toy"]:  # one not found stops now, not after the first one's answers
+        run_folder.model_config(name, cfg.trust_remote_code)
     device, dtype = run_folder.resolve_device(cfg.device, cfg.dtype, cfg.model, cfg.data)
     examples = {b: load_examples(b, sources.get(b, ""), a.split, a.limit) for b in benches}
 
     results, responses = {}, {}
-    for name in [a.model] + ([a.baseline] if a.baseline else []):
+    for name in models:
         torch.manual_seed(a.seed)
         model, processor = run_folder.load_model(name, dtype, device, cfg.trust_remote_code)
         results[name], responses[name] = {}, {}

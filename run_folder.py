@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ def resolve_device(device: str, dtype: str, model: str, data: str) -> tuple:
         else:
             sys.exit(f"No CUDA GPU found. Training {model} on a CPU would take hours per step; "
                      "pass --device cpu to force it anyway, or try `python apo.py --data toy` (minutes on a CPU).")
+    elif device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        sys.exit(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) found; pass --device cpu for the CPU")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     if device == "cpu" and "toy" in (model, data):
@@ -46,18 +49,69 @@ def resolve_device(device: str, dtype: str, model: str, data: str) -> tuple:
 
 def load_model(name: str, dtype, device, trust_remote_code: bool = False):
     """A Qwen2.5-VL policy and its processor, from a Hub id or a local folder (safetensors only)."""
-    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     if name == "toy":
         import toy
         name = str(toy.starting_model())
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if config.model_type != "qwen2_5_vl":
-        raise ValueError(f"{name} is a {config.model_type!r} model; this project trains Qwen2.5-VL checkpoints")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code).to(device)
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model_config(name, trust_remote_code)
+    with checkpoint_errors(name):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code).to(device)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     return model, processor
+
+
+def model_config(name: str, trust_remote_code: bool = False):
+    """The config of checkpoint `name` (a folder or a Hub id), checked to be a Qwen2.5-VL's: a cheap look, before
+    anything heavy loads, that stops where `load_model` would (`checkpoint_errors`)."""
+    from transformers import AutoConfig
+
+    with checkpoint_errors(name):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if config.model_type != "qwen2_5_vl":
+        sys.exit(f"model {name}: a {config.model_type!r} checkpoint; this project trains Qwen2.5-VL ones "
+                 "(model_type 'qwen2_5_vl')")
+    return config
+
+
+@contextmanager
+def checkpoint_errors(name: str):
+    """A checkpoint that cannot be found or read, as one line that says what to do (SystemExit: no traceback):
+    a path that does not exist, a folder without config.json or with files missing, a Hub id while the Hub cannot
+    be reached (HF_HUB_OFFLINE, or no network) or that it does not know. Any other error goes through."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder = Path(name)  # (transformers looks for a folder first, then on the Hub; so do these checks)
+    if not folder.exists():
+        try:
+            validate_repo_id(name)
+        except HFValidationError:  # '/x/y', 'a/b/c', './x': a path, not a Hub id
+            sys.exit(f"model {name}: no such folder")
+    elif not (folder / "config.json").is_file():
+        sys.exit(f"model {name}: not a checkpoint folder (no config.json in it)")
+    try:
+        yield
+    except OSError as err:  # transformers raises OSError for what it cannot find, the Hub's error as its cause
+        if folder.exists():  # a folder with config.json, but weights or processor files missing or broken
+            raise SystemExit(f"model {name}: {str(err).strip().splitlines()[0]}") from None
+        if caused_by(err, LocalEntryNotFoundError):  # not in the local cache, and the Hub unreachable
+            why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "no network?"
+            raise SystemExit(f"model {name}: no such folder, and the Hub cannot be reached to download it ({why}): "
+                             "pass a local folder with --model PATH, or connect to the Hub") from None
+        if caused_by(err, RepositoryNotFoundError):  # (also a gated or private one, without a login that may)
+            raise SystemExit(f"model {name}: no such folder, nor a model on the Hub that this login may read "
+                             "(a private or gated one needs `hf auth login`)") from None
+        raise
+
+
+def caused_by(err: BaseException, kind) -> bool:
+    """Whether `err`, or an exception it was raised from or while handling, is a `kind`."""
+    while err is not None and not isinstance(err, kind):
+        err = err.__cause__ or err.__context__
+    return err is not None
 
 
 def load_models(model: str, resume_from: Path | None, with_reference: bool, gradient_checkpointing: bool,
@@ -80,20 +134,31 @@ def load_models(model: str, resume_from: Path | None, with_reference: bool, grad
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-def open_run(out: Path, args: dict, resume: bool, fsdp: bool, world: int) -> Path | None:
-    """Start or continue the run in `out`: the folder to resume from (None for a new run), after the checks that a
-    new run does not overwrite an old one and a resumed one finds what it needs; writes args.json."""
-    if out.exists() and any(out.glob("*.jsonl")) and not resume:
+def open_run(out: Path, resume: bool, fsdp: bool) -> Path | None:
+    """The checks before a run starts or continues in `out`: a new run does not overwrite an old one (a folder
+    with a logged step or a checkpoint), a resumed one finds what it needs. Returns the folder to resume from
+    (None for a new run). Writes nothing: `start_run` makes the folder once the data and the models have loaded,
+    so a run that never starts leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        sys.exit(f"--out {out}: a file, not a folder")
+    if not resume and (logged_steps(out, "metrics") or latest_checkpoint(out)):
         sys.exit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         sys.exit(f"--resume: no checkpoint found in {out}")
     if resume_from and (resume_from / "sharded").exists() != fsdp:
         sys.exit(f"{resume_from} was saved {'with' if fsdp else 'without'} --fsdp: resume the same way")
+    return resume_from
+
+
+def start_run(out: Path, args: dict, world: int, resume_from: Path | None):
+    """The run starts: its folder and args.json. A new run first drops the logs of one that failed before its
+    first step (`open_run` let it in: at most a step-0 evaluation), which would otherwise pass for its own."""
     if parallel.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics", "samples", "eval") if resume_from is None else ():
+            (out / f"{name}.jsonl").unlink(missing_ok=True)
         (out / "args.json").write_text(json.dumps({**args, "world_size": world}, indent=2))
-    return resume_from
 
 
 def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict | None = None, optimizer=None,

@@ -75,17 +75,17 @@ def test_authors_json_format(tmp_path):
 def test_schema_errors_are_clear(tmp_path):
     rows = [{"image": [png_bytes()], "question": "Find x.", "answer": "3"}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
-    with pytest.raises(ValueError, match=r"\['images', 'problem'\] not found.*--image-column"):
+    with pytest.raises(SystemExit, match=r"\['images', 'problem'\] not found.*--image-column"):
         data.load_table(str(tmp_path / "d.parquet"))
     table, _, _ = data.load_table(str(tmp_path / "d.parquet"), columns=("image", "question", "answer"))
     assert len(table) == 1  # renamed columns work
     datasets.Dataset.from_list([{"images": [png_bytes()], "problem": 3, "answer": "3"}]).to_parquet(
         str(tmp_path / "e.parquet"))
-    with pytest.raises(ValueError, match="must hold text"):
+    with pytest.raises(SystemExit, match="must hold text"):
         data.load_table(str(tmp_path / "e.parquet"))
     datasets.Dataset.from_list([{"images": 7, "problem": "Find x.", "answer": "3"}]).to_parquet(
         str(tmp_path / "f.parquet"))
-    with pytest.raises(ValueError, match="must hold images, paths or bytes, found int"):
+    with pytest.raises(SystemExit, match="must hold images, paths or bytes, found int"):
         data.load_table(str(tmp_path / "f.parquet"))
 
 
