@@ -11,7 +11,8 @@ Read it top to bottom, as the paper: the arguments, the group advantage (§2), S
 loss (§6-§7), the update (§8), `apo_step` (one whole step) and the `train` driver. `rollout.py` samples
 responses and computes log-probs, `reward.py` scores them. The plumbing has files of its own: `data.py`
 (sources, bad rows, data order), `run_folder.py` (models, checkpoints, resume, logs, curves, signals),
-`adamw.py` (the bf16 optimizer), `parallel.py` (many GPUs: a few calls here, each a no-op on one).
+`adamw.py` (the bf16 optimizer), `flags.py` (each flag's range), `parallel.py` (many GPUs: a few calls here,
+each a no-op on one).
 
 What turns GRPO into APO (`--no-dads --no-stcr` switches both off: GRPO with a k3 KL loss):
   1. `stcr_multiplier`: Â = (1 + w)·Â⁰ for the wrong responses longer than the group's correct ones (§4);
@@ -38,7 +39,6 @@ import dataclasses
 import inspect
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import data
+import flags
 import parallel
 import reward
 import rollout
@@ -466,7 +467,7 @@ def train(args: Args) -> Path:
     device, dtype = run_folder.resolve_device(args.device, args.dtype, args.model, args.data)
     args = dataclasses.replace(args, device=str(device))  # what 'auto' chose, in args.json and checkpoints
     rank, world, device = parallel.init(str(device))
-    say = print if parallel.is_main() else lambda *_: None  # process 0 alone prints and writes files
+    say = tqdm.write if parallel.is_main() else lambda *_: None  # process 0 alone prints and writes files
     random.seed(args.seed + rank)  # each process's own streams (sampling is keyed): they shuffle mini-batches
     torch.manual_seed(args.seed + rank)
     if args.prompts_per_step % world or args.mini_batch_size % world:
@@ -491,11 +492,9 @@ def train(args: Args) -> Path:
         state = run_folder.restore(resume_from, policy, optimizer, args.fsdp, steps)  # it says what it found
         if state["step"] >= steps:
             return out
-    held_out = []  # answered greedily at step 0, every --eval-every steps and at the end
-    if args.eval_every:
-        held_out = data.held_out_examples(args.eval_data or args.data, args.eval_split, columns,
-                                          args.eval_limit, processor, args.min_pixels, args.max_pixels,
-                                          args.max_prompt_tokens, say)
+    held_out = data.held_out_examples(args.eval_data or args.data, args.eval_split, columns, args.eval_limit,
+                                      processor, args.min_pixels, args.max_pixels, args.max_prompt_tokens,
+                                      say) if args.eval_every else []  # answered greedily now and then
     run_folder.start_run(out, dataclasses.asdict(args), world, resume_from)  # all loaded: the run starts here
     due = {done for done in range(state["step"], steps + 1)
            if held_out and (done % args.eval_every == 0 or done == steps)}
@@ -512,10 +511,9 @@ def train(args: Args) -> Path:
                                                                   state["position"], args.seed, args.shuffle,
                                                                   usable)
         state["bad_rows"] += len(skipped)
-        for index, why in skipped:
-            if index not in named and parallel.is_main():
-                tqdm.write(f"skipping row {index}: {why}")
+        for index, why in (row for row in skipped if row[0] not in named):
             named.add(index)
+            say(f"skipping row {index}: {why}")
         metrics, samples = apo_step(policy, reference, processor, optimizer, examples, state, args)
         state["step"] = step + 1
         run_folder.append(out, "metrics", [metrics])
@@ -586,71 +584,9 @@ PRESETS = {
 }
 
 
-# Each flag's meaningful range: (Args field, test, the range in words). `parse_args` checks every one before
-# anything loads, and eval.py and bench.py check their flags of the same name against it. A new flag: one line.
-RANGES = [
-    ("group_size", lambda v: v >= 2, ">= 2 (advantages are relative to the group)"),
-    ("kl_beta", lambda v: v >= 0, ">= 0 (0: no reference model)"),
-    ("clip_eps", lambda v: v > 0, "> 0"),
-    ("stcr_base", lambda v: v >= 1, ">= 1 (1: no STCR weight; below 1 it would favour long wrong answers)"),
-    ("lr", lambda v: v > 0, "> 0"),
-    ("min_lr", lambda v: v >= 0, ">= 0"),
-    ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("adam_betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("grad_clip", lambda v: v > 0, "> 0"),
-    ("loss_agg", lambda v: v in ("token", "sequence"), "'token' or 'sequence'"),
-    ("temperature", lambda v: v > 0, "> 0 (responses are sampled)"),
-    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
-    ("mini_batch_size", lambda v: v >= 1, ">= 1"),
-    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("steps", lambda v: v >= 0, ">= 0 (0: --epochs passes over the data)"),
-    ("epochs", lambda v: v >= 1, ">= 1"),
-    ("seed", lambda v: abs(v) < 2 ** 62, "an integer in (-2^62, 2^62)"),  # torch seeds are 64-bit
-    ("model", lambda v: v != "", "a Hub id or a folder"),
-    ("data", lambda v: v != "", "a data set: geo3k, toy, a Hub id, a folder or a file"),
-    ("max_prompt_tokens", lambda v: v >= 1, ">= 1"),
-    ("min_pixels", lambda v: v >= 1, ">= 1"),
-    ("max_pixels", lambda v: v >= 1, ">= 1"),
-    ("out", lambda v: v != "", "a folder name"),
-    ("eval_every", lambda v: v >= 0, ">= 0 (0: never)"),
-    ("eval_limit", lambda v: v >= 0, ">= 0 (0: all)"),
-    ("save_every", lambda v: v >= 1, ">= 1"),
-    ("keep_last", lambda v: v >= 0, ">= 0 (0: all)"),
-    ("log_samples", lambda v: v >= 0, ">= 0"),
-    ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
-    ("dtype", lambda v: v in ("auto", "bfloat16", "float32"), "'auto', 'bfloat16' or 'float32'"),
-    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
-    ("generation_batch_size", lambda v: v >= 0, ">= 0 (0: all B·G at once)"),
-    ("logprob_chunk", lambda v: v >= 1, ">= 1"),
-    ("max_bad_updates", lambda v: v >= 1, ">= 1"),
-]
-ORDERED = [("min_lr", "lr"), ("min_pixels", "max_pixels")]  # (low, high): low <= high
-
-
-def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED):
-    """Stop as argparse does (its usage, then "error: argument --lr: must be > 0, got -1.0", exit 2) at the first
-    of `values` (field -> value; absent or None: not checked) outside its range, or a low above its high. A float
-    must also be finite: no range means inf or nan."""
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name, test, allowed in ranges:
-        value = values.get(name)
-        if value is None:
-            continue
-        numbers = value if isinstance(value, tuple) else (value,)
-        if not all(math.isfinite(x) for x in numbers if isinstance(x, float)):
-            parser.error(f"argument {flag(name)}: must be a finite number, got {value!r}")
-        if not test(value):
-            parser.error(f"argument {flag(name)}: must be {allowed}, got {value!r}")
-    for low, high in ordered:
-        if values.get(low) is not None and values.get(high) is not None and values[low] > values[high]:
-            parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got {values[low]!r}")
-
-
 def parse_args(argv=None) -> Args:
-    """Command line from the Args dataclass: one flag per field, its help being the field's docstring; every value
-    checked against RANGES (a bad one stops here, exit 2)."""
+    """Command line from the Args dataclass: one flag per field, its help being the field's docstring; every
+    value checked against its range (flags.RANGES: a bad one stops here, exit 2)."""
     source = ast.parse(inspect.getsource(Args)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(source, source[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
@@ -672,7 +608,7 @@ def parse_args(argv=None) -> Args:
     parser.set_defaults(**PRESETS.get(preset, {}))
     args = Args(**vars(parser.parse_args(argv)))
     args.adam_betas = tuple(args.adam_betas)
-    check_ranges(parser, dataclasses.asdict(args))
+    flags.check_ranges(parser, dataclasses.asdict(args))  # every value in its range (flags.RANGES)
     return args
 
 

@@ -31,6 +31,7 @@ from transformers import CompileConfig, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from transformers.generation.streamers import BaseStreamer
 
 import apo
+import flags
 import rollout
 import toy
 from adamw import AdamW
@@ -52,7 +53,7 @@ FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", 
          "gradient_checkpointing"]
 
 
-RANGES = [  # this script's own flags, as apo.RANGES (those of FLAGS, and --seed, are checked against its)
+RANGES = [  # this script's own flags, as flags.RANGES (those of FLAGS, and --seed, are checked against its)
     ("steps", lambda v: v >= 1, ">= 1 (the last is reported)"),
     ("threads", lambda v: v >= 1, ">= 1"),
     ("image_size", lambda v: min(v) >= 1, "two sizes >= 1"),
@@ -85,11 +86,11 @@ def parse_args(argv=None):
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
-    apo.check_ranges(p, vars(a), RANGES)
+    flags.check_ranges(p, vars(a), RANGES)
     preset = dict(TINY if a.config == "tiny" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
     s = apo.Args(**preset)
-    apo.check_ranges(p, {**{k: getattr(s, k) for k in FLAGS}, "seed": a.seed})  # training's flags, its ranges
+    flags.check_ranges(p, {**{k: getattr(s, k) for k in FLAGS}, "seed": a.seed})  # training's flags, its ranges
     return a, s
 
 

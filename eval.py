@@ -34,6 +34,7 @@ import torch
 
 import apo
 import data
+import flags
 import reward
 import rollout
 import run_folder
@@ -426,7 +427,7 @@ def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------- main
-RANGES = [  # this script's own flags, as apo.RANGES (--device, --dtype, --seed and --temperature: as training's)
+RANGES = [  # this script's own flags, as flags.RANGES (--device, --dtype, --seed and --temperature: as training's)
     ("samples", lambda v: v >= 0, ">= 0 (0: none)"),
     ("max_new_tokens", lambda v: v >= 0, ">= 0 (0: the default)"),
     ("max_pixels", lambda v: v >= 0, ">= 0 (0: training's)"),
@@ -465,8 +466,8 @@ def main(argv=None):
     p.add_argument("--explain-steps", type=int, default=30, help="steps shown by --explain, evenly spread over "
                    "the run (bounds the page's size)")
     a = p.parse_args(argv)
-    apo.check_ranges(p, vars(a), RANGES)
-    apo.check_ranges(p, {"device": a.device, "dtype": a.dtype, "seed": a.seed,
+    flags.check_ranges(p, vars(a), RANGES)
+    flags.check_ranges(p, {"device": a.device, "dtype": a.dtype, "seed": a.seed,
                          "temperature": a.temperature if a.samples else None})  # (unused without samples)
     if a.baseline == a.model:
         p.error("--baseline names the model itself")

@@ -50,4 +50,4 @@ def test_the_modules_import_each_other_in_one_direction():
         done |= set(ready)
     assert graph["reward"] == set() and "eval" not in graph["apo"]
     # the plumbing stands without the method: apo.py imports it, never the other way
-    assert all("apo" not in graph[m] for m in ("data", "run_folder", "adamw", "rollout", "parallel"))
+    assert all("apo" not in graph[m] for m in ("data", "run_folder", "adamw", "rollout", "parallel", "flags"))

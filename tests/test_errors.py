@@ -8,6 +8,7 @@ import datasets
 import pytest
 
 import apo
+import flags
 import bench
 import data
 import eval as evaluate
@@ -15,7 +16,7 @@ import run_folder
 from conftest import REPO, Processes, png_bytes
 
 # ------------------------------------------------------------------------------------------------------- flags
-# (argv, the message after "error: "): every entry of apo.RANGES fails here at least once (checked below)
+# (argv, the message after "error: "): every entry of flags.RANGES fails here at least once (checked below)
 BAD_FLAGS = [
     (["--mini-batch-size", "0"], "argument --mini-batch-size: must be >= 1, got 0"),
     (["--prompts-per-step", "0"], "argument --prompts-per-step: must be >= 1, got 0"),
@@ -77,7 +78,7 @@ def test_a_bad_flag_stops_with_argparses_kind_of_message(argv, message, capsys):
 def test_every_numeric_flag_has_a_range_and_every_range_can_fail():
     """A new numeric field of Args needs its line in RANGES; a line naming no field would never be checked."""
     numeric = {f.name for f in apo.dataclasses.fields(apo.Args) if f.type in (int, float, tuple)}
-    ranged = [name for name, _, _ in apo.RANGES]
+    ranged = [name for name, _, _ in flags.RANGES]
     assert numeric <= set(ranged) <= {f.name for f in apo.dataclasses.fields(apo.Args)}
     assert len(ranged) == len(set(ranged))
     failing = {message.split()[1].rstrip(":") for _, message in BAD_FLAGS}

@@ -1,0 +1,67 @@
+"""The range of every flag, and the check that stops at a value outside it, as argparse stops (its usage, then
+"error: argument --lr: must be > 0, got -1.0", exit 2), before anything loads. `RANGES` names apo.py's flags
+(apo.Args' fields); eval.py and bench.py check their flags of the same names against it, and their own with small
+tables of the same form. A new flag: one line.
+"""
+import math
+import re
+
+# Each flag's meaningful range: (Args field, test, the range in words).
+RANGES = [
+    ("group_size", lambda v: v >= 2, ">= 2 (advantages are relative to the group)"),
+    ("kl_beta", lambda v: v >= 0, ">= 0 (0: no reference model)"),
+    ("clip_eps", lambda v: v > 0, "> 0"),
+    ("stcr_base", lambda v: v >= 1, ">= 1 (1: no STCR weight; below 1 it would favour long wrong answers)"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("grad_clip", lambda v: v > 0, "> 0"),
+    ("loss_agg", lambda v: v in ("token", "sequence"), "'token' or 'sequence'"),
+    ("temperature", lambda v: v > 0, "> 0 (responses are sampled)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
+    ("mini_batch_size", lambda v: v >= 1, ">= 1"),
+    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("steps", lambda v: v >= 0, ">= 0 (0: --epochs passes over the data)"),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: abs(v) < 2 ** 62, "an integer in (-2^62, 2^62)"),  # torch seeds are 64-bit
+    ("model", lambda v: v != "", "a Hub id or a folder"),
+    ("data", lambda v: v != "", "a data set: geo3k, toy, a Hub id, a folder or a file"),
+    ("max_prompt_tokens", lambda v: v >= 1, ">= 1"),
+    ("min_pixels", lambda v: v >= 1, ">= 1"),
+    ("max_pixels", lambda v: v >= 1, ">= 1"),
+    ("out", lambda v: v != "", "a folder name"),
+    ("eval_every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("eval_limit", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("save_every", lambda v: v >= 1, ">= 1"),
+    ("keep_last", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("log_samples", lambda v: v >= 0, ">= 0"),
+    ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("dtype", lambda v: v in ("auto", "bfloat16", "float32"), "'auto', 'bfloat16' or 'float32'"),
+    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("generation_batch_size", lambda v: v >= 0, ">= 0 (0: all B·G at once)"),
+    ("logprob_chunk", lambda v: v >= 1, ">= 1"),
+    ("max_bad_updates", lambda v: v >= 1, ">= 1"),
+]
+ORDERED = [("min_lr", "lr"), ("min_pixels", "max_pixels")]  # (low, high): low <= high
+
+
+def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED):
+    """Stop as argparse does (its usage, then "error: argument --lr: must be > 0, got -1.0", exit 2) at the first
+    of `values` (field -> value; absent or None: not checked) outside its range, or a low above its high. A float
+    must also be finite: no range means inf or nan."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name, test, allowed in ranges:
+        value = values.get(name)
+        if value is None:
+            continue
+        numbers = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(x) for x in numbers if isinstance(x, float)):
+            parser.error(f"argument {flag(name)}: must be a finite number, got {value!r}")
+        if not test(value):
+            parser.error(f"argument {flag(name)}: must be {allowed}, got {value!r}")
+    for low, high in ordered:
+        if values.get(low) is not None and values.get(high) is not None and values[low] > values[high]:
+            parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got {values[low]!r}")
