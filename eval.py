@@ -404,17 +404,20 @@ def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
         parts.append(f'<h2 id="step-{t}">step {t}</h2>')
         for s in (s for s in samples if s["step"] == t):
             try:
-                row = table[s["row"]]
-                image = f'<img alt="image" src="{_image_uri(data.prepare_example(row, columns, base)["images"][0])}">'
+                if s.get("row") is None:
+                    raise KeyError("samples.jsonl names no data row: a run of an earlier version")
+                example = data.prepare_example(table[s["row"]], columns, base)
+                image = f'<img alt="image" src="{_image_uri(example["images"][0])}">'
             except (TypeError, KeyError, IndexError, data.BadRow) as err:
-                image = f"<p>no image ({html.escape(why if table is None else str(err))})</p>"
+                image = f"<p>no image ({html.escape(why if table is None else str(err.args[0]))})</p>"
             rows = []
             for i, text in enumerate(s["responses"]):
                 numbers = [s[k][i] if k in s else None for k in ("rewards", "advantages0", "stcr_multipliers",
                                                                   "advantages", "kl_weights", "lengths")]
                 cells = "".join("<td>-</td>" if v is None else f"<td>{v:.6g}</td>" for v in numbers)
-                right = s.get("correct", [None] * len(s["responses"]))[i]
-                rows.append(f'<tr class="{"right" if right else "wrong"}"><td>{i}</td>{cells}'
+                right = s["correct"][i] if "correct" in s else None  # (not logged by earlier versions)
+                colour = {True: "right", False: "wrong", None: "unknown"}[right]
+                rows.append(f'<tr class="{colour}"><td>{i}</td>{cells}'
                             f'<td class="text">{_response_cells(text, max_chars)}</td></tr>')
             parts.append(f'<section class="group"><div>{image}</div><div><div class="problem">'
                          f'{html.escape(s["problem"])}</div><p>gold: <b>{html.escape(str(s["answer"]))}</b>, '
