@@ -343,79 +343,76 @@ class LiveLog:
     as TRL groups its own: eval/… for held-out evaluations, apo/… for APO's terms (DADS, STCR), train/… for the rest
     of a step's metrics, each at the step of its JSON line; a step's samples as a text (TensorBoard) or a table (W&B).
 
-    A resumed run writes into the same TensorBoard folder and W&B run, and sends no step twice: out/live.json keeps
-    the W&B run's id and, per backend and log, the last step sent, and the steps that a resume redoes (those after its
-    checkpoint) are not sent again: their first values stay, which an exact resume reproduces. Neither backend can
-    take a step back: W&B's history only grows (offline, a resumed run's steps would be added again), and
-    TensorBoard's purge_step hid the earlier scalars but not the texts, and its own plugin reader kept both (tried)."""
+    A resumed run goes on in the same TensorBoard folder and W&B run (its id in out/live.json), and redoes the steps
+    after its checkpoint, which each backend keeps once:
+    - TensorBoard: live.json holds the last step written to disk of each log, and the steps redone are not written
+      again; their first values stay, which an exact resume reproduces. (purge_step, which should hide them, hid
+      the earlier scalars but not the texts, and TensorBoard's own plugin reader kept both: tried.)
+    - W&B: sent again at their steps; W&B ignores a step below a resumed run's last one (online, where the server
+      tells the run where it stands), and so keeps the first values too, while a step it lost in a hard kill (it
+      writes every 15 s) is sent anew. Offline, W&B cannot know the run's steps: the resumed run's folder holds
+      the steps it redid again."""
 
     def __init__(self, out: Path, report_to: str, config: dict):
         backends = {b.strip() for b in report_to.split(",")} - {"", "none"}
         if backends - {"tensorboard", "wandb"}:
             sys.exit(f"--report-to takes tensorboard, wandb, both (comma-separated) or none, not {report_to!r}")
-        self.path, self.writers = out / "live.json", {}
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"sent": {}}
+        self.path, self.tensorboard, self.wandb = out / "live.json", None, None
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"tensorboard_written": {}}
         if not parallel.is_main() or not backends:
             return
         try:
             if "tensorboard" in backends:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writers["tensorboard"] = SummaryWriter(str(out / "tensorboard"))
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
             if "wandb" in backends:
                 import wandb
-                self.state.setdefault("wandb_id", wandb.util.generate_id())
-                self.writers["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "apo"), name=out.name,
-                                                   id=self.state["wandb_id"], resume="allow", dir=str(out),
-                                                   config=config)
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "apo"), name=out.name, config=config,
+                                        id=self.state.get("wandb_id"), resume="allow", dir=str(out))
+                self.state["wandb_id"] = self.wandb.id  # a new run's, then the same on every resume
         except ImportError as e:
             sys.exit(f"--report-to {report_to} needs {e.name}: pip install {e.name}")
         self.path.write_text(json.dumps(self.state, indent=1))
 
     def log(self, name: str, rows: list):
-        """Rows of one log ('metrics', 'eval' or 'samples'), each step once per backend."""
-        for backend, writer in self.writers.items():
-            sent = self.state["sent"].setdefault(backend, {})
-            for step in sorted({r["step"] for r in rows}):
-                if step <= sent.get(name, -1):
-                    continue  # sent before the resume
-                at = [r for r in rows if r["step"] == step]
-                if name == "samples":
-                    self.write_samples(backend, writer, at, step)
-                else:
-                    scalars = {live_tag(name, k): v for k, v in at[0].items()
-                               if k != "step" and isinstance(v, (int, float))}  # (None: no such response this step)
-                    if backend == "wandb":
-                        writer.log(scalars, step=step)
-                    else:
-                        for tag, value in scalars.items():
-                            writer.add_scalar(tag, value, step)
-                if backend == "tensorboard":
-                    writer.flush()  # on disk before live.json says it is: a kill loses at most this step
-                sent[name] = step
-        if self.writers:
-            self.path.write_text(json.dumps(self.state, indent=1))
-
-    @staticmethod
-    def write_samples(backend: str, writer, rows: list, step: int):
-        """A step's logged groups, one line per response: problem, gold, response, reward, advantage."""
-        columns = ["problem", "answer", "response", "reward", "advantage"]
-        lines = [[r["problem"], r["answer"], text, reward, advantage] for r in rows
-                 for text, reward, advantage in zip(r["responses"], r["rewards"], r["advantages"])]
-        if backend == "wandb":
-            import wandb
-            writer.log({"samples": wandb.Table(columns=columns, data=lines)}, step=step)
-        else:  # a Markdown table, whose cells may hold no | or line break
-            cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-            table = [columns, ["---"] * len(columns)] + [list(map(cell, line)) for line in lines]
-            writer.add_text("samples", "\n".join(" | ".join(row) for row in table), step)
+        """Rows of one log ('metrics', 'eval' or 'samples'), step by step."""
+        for step in sorted({r["step"] for r in rows}):
+            at = [r for r in rows if r["step"] == step]
+            # (a field that is None has no value this step: no correct response, say)
+            scalars = {} if name == "samples" else {live_tag(name, k): v for k, v in at[0].items()
+                                                    if k != "step" and isinstance(v, (int, float))}
+            if self.wandb:
+                self.wandb.log(scalars or {"samples": samples_table(at, wandb=True)}, step=step)
+            written = self.state["tensorboard_written"]
+            if self.tensorboard and step > written.get(name, -1):
+                for tag, value in scalars.items():
+                    self.tensorboard.add_scalar(tag, value, step)
+                if not scalars:
+                    self.tensorboard.add_text("samples", samples_table(at), step)
+                self.tensorboard.flush()  # on disk before live.json says so: a kill loses at most this step
+                written[name] = step
+                self.path.write_text(json.dumps(self.state, indent=1))
 
     def close(self):
-        for backend, writer in self.writers.items():
-            if backend == "tensorboard":
-                writer.close()
-            else:
-                writer.finish()
-        self.writers = {}
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+        self.tensorboard = self.wandb = None
+
+
+def samples_table(rows: list, wandb: bool = False):
+    """A step's logged groups, one line per response (problem, gold, response, reward, advantage): a W&B Table, or
+    a Markdown table for TensorBoard's text panel (whose cells may hold no | or line break)."""
+    columns = ["problem", "answer", "response", "reward", "advantage"]
+    lines = [[r["problem"], r["answer"], text, reward, advantage] for r in rows
+             for text, reward, advantage in zip(r["responses"], r["rewards"], r["advantages"])]
+    if wandb:
+        import wandb as wb
+        return wb.Table(columns=columns, data=lines)
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    table = [columns, ["---"] * len(columns)] + [list(map(cell, line)) for line in lines]
+    return "\n".join(" | ".join(row) for row in table)
 
 
 CURVES = [  # panel title, then (log, key, label) drawn in it: log 'metrics' is per step, 'eval' per evaluation
