@@ -32,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import apo
 import rollout
+import run_folder
 import toy
 from adamw import AdamW
 
@@ -400,11 +401,17 @@ def bench(a, s: apo.Args, processor) -> dict:
     random.seed(a.seed)
     with torch.device(device):  # random weights, made directly where they are used
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 else None
+    counts = count_parameters(model)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 and not s.lora_rank else None
     if s.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if s.lora_rank:  # as run_folder.load_models: adapters, and the reference is the model with them off
+        model = run_folder.add_adapters(model, run_folder.lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout,
+                                                                      s.lora_targets, s.lora_vision), a.seed)
+        reference = run_folder.AdaptersOff(model) if s.kl_beta > 0 else None
     model.train()
-    optimizer = AdamW(model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.adam_betas,
+                      weight_decay=s.weight_decay)
     gen_config = rollout.generation_config(processor, s.max_new_tokens, s.temperature, s.top_p)
     if a.full_length:
         gen_config.min_new_tokens = s.max_new_tokens
@@ -415,7 +422,6 @@ def bench(a, s: apo.Args, processor) -> dict:
         if a.compile_decode and device.type != "cuda":
             gen_config.compile_config = CompileConfig()
             gen_config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
-    counts = count_parameters(model)
     prompts = synthetic_prompts(processor, s.prompts_per_step, a.image_size, s, a.seed)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
     clock = DecodeClock()

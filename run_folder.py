@@ -95,9 +95,10 @@ def load_models(model: str, resume_from: Path | None, with_reference: bool, grad
 
 # ------------------------------------------------------------------------------------------------------------ LoRA
 # Where adapters go: the language model's linear layers named by --lora-targets, and with --lora-vision the vision
-# tower's too (its blocks and the merger that projects image features into the language model).
+# tower's too (its blocks, and the two linear layers of the merger that projects image features into the language
+# model: mlp.0 and mlp.2, around a GELU).
 LANGUAGE_LAYERS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({})"
-VISION_LAYERS = r"model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)|merger\.mlp\.\d+)"
+VISION_LAYERS = r"model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])"
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: str, vision: bool):
@@ -121,6 +122,10 @@ def add_adapters(model, lora, seed: int, adapter: Path | None = None):
 
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    # Gradient checkpointing here is non-reentrant, which needs no input that requires grad: the hooks that make the
+    # embeddings' outputs require it (for the reentrant kind), transformers' and then peft's, would only send the
+    # backward through the frozen vision tower, for no gradient. Both are removed.
+    model.disable_input_require_grads()
     with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         warnings.simplefilter("ignore", FutureWarning)
         if adapter is not None:
@@ -135,9 +140,6 @@ def add_adapters(model, lora, seed: int, adapter: Path | None = None):
             with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
                 torch.manual_seed(seed)
                 model = get_peft_model(model, lora)
-    # Gradient checkpointing here is non-reentrant, which needs no input that requires grad; transformers' and
-    # peft's hooks that make the embeddings' outputs require it (for the reentrant kind) would only send the
-    # backward through the frozen vision tower, for no gradient.
     model.get_base_model().disable_input_require_grads()
     return model
 

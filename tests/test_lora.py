@@ -68,7 +68,7 @@ def test_the_reference_is_the_base_model_with_the_adapters_off(tiny_model_dir, b
 
 def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_model_dir, batch):
     """A mini-batch's backward gives gradients to the adapters alone, the same with gradient checkpointing as
-    without; their number is r·(in + out) per adapted layer of the tiny config, counted here by hand; the clipped
+    without, and the frozen vision tower and embeddings are no part of its graph; their number is r·(in + out) per adapted layer of the tiny config, counted here by hand; the clipped
     norm is theirs; an optimizer step (over the trainable parameters, as apo.train builds it) moves them and leaves
     every base weight as it was, to the bit."""
     args = apo.parse_args(["--mini-batch-size", "8", "--micro-batch-size", "3", "--kl-beta", "0.1", "--lr", "1e-2"])
@@ -78,7 +78,19 @@ def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_mod
                                               CPU, lora=lora())
         trained_as_if(policy)
         policy.zero_grad(set_to_none=True)
+        in_graph = {}  # whether the vision tower's output and the embeddings' require grad (they need not)
+
+        def record(name):
+            def hook(module, inputs, output):
+                in_graph.setdefault(name, getattr(output, "pooler_output", output).requires_grad)
+            return hook
+        base = policy.get_base_model().model
+        hooks = [base.visual.register_forward_hook(record("vision")),
+                 base.language_model.embed_tokens.register_forward_hook(record("embeddings"))]
         apo.minibatch_gradients(policy, batch, list(range(8)), args)
+        assert in_graph == {"vision": False, "embeddings": False}, checkpointing
+        for hook in hooks:
+            hook.remove()
         named = dict(policy.named_parameters())
         assert {n for n, p in named.items() if p.grad is not None} == {n for n, p in named.items() if p.requires_grad}
         grads[checkpointing] = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
