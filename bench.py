@@ -3,6 +3,7 @@
     python bench.py --config tiny --device cpu --threads 1 --out bench_tiny.json   # the toy model's shapes, CPU
     python bench.py --config 3b --device cuda --out bench_3b.json                 # Qwen2.5-VL-3B's, one GPU
     python bench.py --config 3b --dry-run --out plan_3b.json                      # memory plan: no GPU, no weights
+    python bench.py --config 3b --dry-run --lora-rank 16 --generation-batch-size 64 --out plan_lora.json  # 24 GB
 
 The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
 downloaded. A step runs the pieces of `apo.train` in the same order with the same defaults (`apo.Args`): rollout,

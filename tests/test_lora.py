@@ -34,6 +34,7 @@ def trained_as_if(policy):
 def batch(tiny_model_dir):
     """A rollout of the tiny base model, 2 prompts × 4 responses, with advantages and KL weights."""
     from PIL import Image
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and on a busy machine, a lot)
     model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, CPU)
     prompts = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), c) for c in ("red", "blue")],
                                      ["Find x.", "How many sides?"], 784, 3136)
