@@ -351,9 +351,9 @@ class LiveLog:
       again; their first values stay, which an exact resume reproduces. (purge_step, which should hide them, hid
       the earlier scalars but not the texts, and TensorBoard's own plugin reader kept both: tried.)
     - W&B: sent again at their steps; W&B ignores a step below a resumed run's last one (online, where the server
-      tells the run where it stands), and so keeps the first values too, while a step it lost in a hard kill (it
-      writes every 15 s) is sent anew. Offline, W&B cannot know the run's steps: the resumed run's folder holds
-      the steps it redid again."""
+      tells the run where it stands), and so keeps the first values too, while a step it lost in a hard kill (its
+      client writes its file every 15 s) is sent anew. Offline, W&B cannot know the run's steps: the resumed run's
+      folder holds the steps it redid again."""
 
     def __init__(self, out: Path, report_to: str, config: dict):
         backends = {b.strip() for b in report_to.split(",")} - {"", "none"}
@@ -384,14 +384,14 @@ class LiveLog:
             scalars = {} if name == "samples" else {live_tag(name, k): v for k, v in at[0].items()
                                                     if k != "step" and isinstance(v, (int, float))}
             if self.wandb:
-                self.wandb.log(scalars or {"samples": samples_table(at, wandb=True)}, step=step)
+                self.wandb.log({"samples": samples_table(at, wandb=True)} if name == "samples" else scalars, step=step)
             written = self.state["tensorboard_written"]
             if self.tensorboard and step > written.get(name, -1):
                 for tag, value in scalars.items():
                     self.tensorboard.add_scalar(tag, value, step)
-                if not scalars:
+                if name == "samples":
                     self.tensorboard.add_text("samples", samples_table(at), step)
-                self.tensorboard.flush()  # on disk before live.json says so: a kill loses at most this step
+                self.tensorboard.flush()  # on disk before live.json says so (a kill in between: this step twice)
                 written[name] = step
                 self.path.write_text(json.dumps(self.state, indent=1))
 
