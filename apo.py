@@ -152,6 +152,23 @@ class Args:
     """prompts per step whose responses go to samples.jsonl"""
     preset: str = ""
     """'authors': the authors' schedule where one GPU allows (APO_SPEC §8); explicit flags still win"""
+    # LoRA and live logging
+    lora_rank: int = 0
+    """r: train LoRA adapters of this rank (peft) instead of all parameters; the reference is then the same
+    model with its adapters off, with no second copy (0: all parameters, as the authors; README, 'Smaller
+    GPUs')"""
+    lora_alpha: float = 0.0
+    """α: the adapters add (α/r)·B·A to each weight they adapt (0: twice the rank)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs in the update's forward passes (never in rollouts or ℓ_ref); 0, as RL
+    recipes advise: with dropout the ratio π_θ/π_old compares two random masks"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """the language model's linear layers that get adapters, comma-separated (default: all of them)"""
+    lora_vision: bool = False
+    """adapters on the vision tower too (its blocks and merger); without, it stays the base model's, frozen"""
+    report_to: str = "none"
+    """live logs of the metrics, evaluations and samples: 'tensorboard', 'wandb' or both, comma-separated,
+    into --out (tensorboard/, wandb/; W&B reads WANDB_PROJECT, WANDB_MODE, ...); 'none': JSON lines alone"""
     # the machine: none of these changes the result
     device: str = "auto"
     """'auto' (CUDA, else stop unless the model is 'toy'), 'cuda' or 'cpu' (forces the CPU)"""
@@ -480,12 +497,13 @@ def train(args: Args) -> Path:
     if steps == 0:
         sys.exit(f"--epochs {args.epochs} over the {len(table)} rows of {args.data} make no step of "
                  f"--prompts-per-step {args.prompts_per_step}: pass --steps N")
-    # the policy, and the frozen reference it is kept close to (§6): the starting model, also on resuming
+    # the policy, and the frozen reference it is kept close to (§6): the starting model (LoRA: adapters off)
     policy, reference, processor = run_folder.load_models(
         args.model, resume_from, args.kl_beta > 0, args.gradient_checkpointing, args.fsdp, dtype, device,
-        args.trust_remote_code)
-    optimizer = AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay,
-                      seed=args.seed)
+        args.trust_remote_code, run_folder.lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                                       args.lora_targets, args.lora_vision), args.seed)
+    optimizer = AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas,
+                      weight_decay=args.weight_decay, seed=args.seed)
     state = {"step": 0, "position": 0, "updates": 0, "bad_rows": 0, "skipped_updates": 0, "bad_in_a_row": 0,
              "steps": steps}
     if resume_from:
@@ -496,11 +514,12 @@ def train(args: Args) -> Path:
                                       processor, args.min_pixels, args.max_pixels, args.max_prompt_tokens,
                                       say) if args.eval_every else []  # answered greedily now and then
     run_folder.start_run(out, dataclasses.asdict(args), world, resume_from)  # all loaded: the run starts here
+    live = run_folder.LiveLog(out, args.report_to, dataclasses.asdict(args))  # --report-to: TensorBoard, W&B
     due = {done for done in range(state["step"], steps + 1)
            if held_out and (done % args.eval_every == 0 or done == steps)}
     due -= run_folder.logged_steps(out, "eval")  # (a resumed run does not evaluate twice)
     if state["step"] in due:
-        log_evaluation(policy, processor, held_out, args, out, state["step"])
+        log_evaluation(policy, processor, held_out, args, out, state["step"], live)
     usable = lambda row: data.usable_example(row, columns, base, processor, args.min_pixels,  # noqa: E731
                                              args.max_pixels, args.max_prompt_tokens)
     bar = tqdm(total=steps, initial=state["step"], desc="APO" if args.dads or args.stcr else "GRPO",
@@ -516,19 +535,21 @@ def train(args: Args) -> Path:
             say(f"skipping row {index}: {why}")
         metrics, samples = apo_step(policy, reference, processor, optimizer, examples, state, args)
         state["step"] = step + 1
-        run_folder.append(out, "metrics", [metrics])
-        run_folder.append(out, "samples", samples)
+        run_folder.append(out, "metrics", [metrics], live)
+        run_folder.append(out, "samples", samples, live)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         len=f"{metrics['response_length']:.0f}")
         if step + 1 in due:
-            log_evaluation(policy, processor, held_out, args, out, step + 1)
+            log_evaluation(policy, processor, held_out, args, out, step + 1, live)
         # checkpoints: every --save-every steps, and before a stop (a signal to any process stops them all)
         name, stop = f"checkpoint-{step + 1:06d}", parallel.total([len(run_folder.STOP)], op="max")[0] > 0
         bad = state["bad_in_a_row"] >= args.max_bad_updates
         if bad or stop or (step + 1) % args.save_every == 0:
             run_folder.checkpoint(out, name, policy, processor, optimizer, state, dataclasses.asdict(args),
                                   args.keep_last)
+        if bad or stop:
+            live.close()
         if bad:
             sys.exit(f"{state['bad_in_a_row']} updates in a row had a non-finite loss or gradient: stopped "
                      f"after saving {out}/{name}. Lower --lr or check the data.")
@@ -537,6 +558,7 @@ def train(args: Args) -> Path:
             say(f"\nstopped by signal {by}: saved {out}/{name}; continue with the same command and --resume")
             return out
     bar.close()
+    live.close()
     run_folder.checkpoint(out, "final", policy, processor, optimizer, state, dataclasses.asdict(args))
     return out
 
@@ -558,14 +580,14 @@ def evaluate(model, processor, examples: list, args: Args) -> dict:
             "truncated_rate": truncated / n, "problems": int(n)}
 
 
-def log_evaluation(policy, processor, held_out: list, args: Args, out: Path, done: int):
-    """The held-out evaluation after `done` steps, into eval.jsonl and the log."""
+def log_evaluation(policy, processor, held_out: list, args: Args, out: Path, done: int, live=None):
+    """The held-out evaluation after `done` steps, into eval.jsonl (and `live`) and the log."""
     from tqdm import tqdm
 
     timer = time.perf_counter()
     result = {"step": done, **evaluate(policy, processor, held_out, args)}
     result["seconds"] = time.perf_counter() - timer
-    run_folder.append(out, "eval", [result])
+    run_folder.append(out, "eval", [result], live)
     if parallel.is_main():
         tqdm.write(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format "
                    f"{result['format_rate']:.3f} ({result['problems']} problems, {result['seconds']:.1f} s)")
@@ -582,6 +604,10 @@ PRESETS = {
                 kl_beta=0.02, gradient_checkpointing=False, steps=300, save_every=50, adam_betas=(0.9, 0.99),
                 eval_every=25),
 }
+# A preset's variant for --lora-rank, where LoRA needs another learning rate: from B = 0, the toy's adapters
+# move a weight by ~0.4·lr per step (α/r · lr · √r · |A|), where full-parameter Adam moves it by lr. On the
+# toy, 3e-3, 5e-3 and 1e-2 were tried: 5e-3 learned soonest, 1e-2 lost the format (README, 'Smaller GPUs').
+PRESETS["toy-lora"] = dict(PRESETS["toy"], lr=5e-3, min_lr=5e-4)
 
 
 def parse_args(argv=None) -> Args:
@@ -603,6 +629,7 @@ def parse_args(argv=None) -> Args:
     # A preset (or --data toy) changes the defaults; flags given explicitly still win.
     known, _ = parser.parse_known_args(argv)
     preset = known.preset or ("toy" if known.data == "toy" else "")
+    preset += "-lora" if known.lora_rank and f"{preset}-lora" in PRESETS else ""
     if preset not in ("", *PRESETS):
         parser.error(f"argument --preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
     parser.set_defaults(**PRESETS.get(preset, {}))

@@ -3,6 +3,7 @@
     python bench.py --config tiny --device cpu --threads 1 --out bench_tiny.json   # the toy model's shapes, CPU
     python bench.py --config 3b --device cuda --out bench_3b.json                 # Qwen2.5-VL-3B's, one GPU
     python bench.py --config 3b --dry-run --out plan_3b.json                      # memory plan: no GPU, no weights
+    python bench.py --config 3b --dry-run --lora-rank 16 --generation-batch-size 64 --out plan_lora.json  # 24 GB
 
 The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
 downloaded. A step runs the pieces of `apo.train` in the same order with the same defaults (`apo.Args`): rollout,
@@ -33,6 +34,7 @@ from transformers.generation.streamers import BaseStreamer
 import apo
 import flags
 import rollout
+import run_folder
 import toy
 from adamw import AdamW
 
@@ -40,7 +42,8 @@ from adamw import AdamW
 QWEN_3B_CONFIG = Path(__file__).resolve().parent / "tests" / "data" / "qwen2_5_vl_3b_config.json"
 PEAK_BF16_FLOPS = 989e12   # H100 SXM (and H200), dense bf16 tensor cores, no sparsity
 HBM_BYTES_PER_S = 3.0e12   # what a decode step can hope to read per second on an H100 (3.35 TB/s nominal)
-TARGET_GIB = 60
+TARGET_GIB = 60        # an 80 GB GPU, with room for what the plan leaves out
+LORA_TARGET_GIB = 22   # with --lora-rank: a 24 GB GPU (RTX 3090/4090, A10, L4)
 GiB = 2 ** 30
 
 # Both configs run apo.Args' defaults (16 prompts × 8 responses × up to 1024 tokens, two optimizer steps of 64,
@@ -50,7 +53,7 @@ TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56)
 IMAGE_SIZE = {"tiny": (56, 56), "3b": (616, 448)}
 FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", "micro_batch_size",
          "generation_batch_size", "logprob_chunk", "kl_beta", "min_pixels", "max_pixels", "max_prompt_tokens",
-         "gradient_checkpointing"]
+         "gradient_checkpointing", "lora_rank", "lora_targets", "lora_vision"]
 
 
 RANGES = [  # this script's own flags, as flags.RANGES (those of FLAGS, and --seed, are checked against its)
@@ -69,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="write the memory plan only (meta device, no weights)")
     p.add_argument("--steps", type=int, default=2, help="APO steps to run; the last is reported (the first warms up)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-gib", type=float, help=f"memory the plan must fit (default: {TARGET_GIB}, with "
+                                                    f"--lora-rank {LORA_TARGET_GIB})")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), help="synthetic image size in pixels")
     p.add_argument("--full-length", action=argparse.BooleanOptionalAction, default=True,
@@ -86,6 +91,7 @@ def parse_args(argv=None):
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
+    a.target_gib = a.target_gib or (LORA_TARGET_GIB if a.lora_rank else TARGET_GIB)
     flags.check_ranges(p, vars(a), RANGES)
     preset = dict(TINY if a.config == "tiny" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
@@ -139,13 +145,35 @@ def count_parameters(model) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- memory plan
-def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: int) -> dict:
+def lora_layers(config, s: apo.Args) -> tuple:
+    """(in, out) features of the linear layers that get LoRA adapters (run_folder.LANGUAGE_LAYERS, VISION_LAYERS),
+    from the config: --lora-targets of one decoder layer, and with --lora-vision those of one vision block, then the
+    merger's two (once)."""
+    t, v = config.text_config, config.vision_config
+    H, I = t.hidden_size, t.intermediate_size
+    head_dim = getattr(t, "head_dim", None) or H // t.num_attention_heads
+    q, kv = t.num_attention_heads * head_dim, t.num_key_value_heads * head_dim
+    shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H), "gate_proj": (H, I),
+              "up_proj": (H, I), "down_proj": (I, H)}
+    text = [shapes[n.strip()] for n in s.lora_targets.split(",") if n.strip()]
+    Hv, Iv, Hm = v.hidden_size, v.intermediate_size, v.hidden_size * v.spatial_merge_size ** 2
+    vision = [(Hv, 3 * Hv), (Hv, Hv), (Hv, Iv), (Hv, Iv), (Iv, Hv)] if s.lora_vision else []
+    merger = [(Hm, Hm), (Hm, v.out_hidden_size)] if s.lora_vision else []
+    return text, vision, merger
+
+
+def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: int,
+                target_gib: float = TARGET_GIB) -> dict:
     """Peak memory of one APO step on one GPU, in GiB, by component and by phase, from the shapes alone.
 
     Weights, gradients and activations in bf16 (2 bytes), Adam moments in fp32 (2 × 4 bytes): adamw.AdamW. Exact for
     weights, moments, gradients and the KV cache; the activation terms count the tensors listed beside them
     (bytes per token, H = hidden size, I = MLP size, kv = key/value width). Not counted: the CUDA context (~0.5 GiB,
-    outside torch.cuda.max_memory_allocated) and the caching allocator's fragmentation (reserved − allocated)."""
+    outside torch.cuda.max_memory_allocated) and the caching allocator's fragmentation (reserved − allocated).
+
+    With --lora-rank r: no reference copy (it is the policy with its adapters off); gradients and Adam moments for
+    the adapters alone, r·(in + out) parameters per adapted layer, in fp32 (peft's default); the vision tower out
+    of the backward unless it has adapters; and what the adapters add to activations (`lora_saved`, `lora_temp`)."""
     t, v = config.text_config, config.vision_config
     L, H, I, V = t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.vocab_size
     kv = t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
@@ -153,35 +181,49 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
     N, largest, P, T = counts["parameters"], counts["largest_parameter"], prompt_tokens, s.max_new_tokens
     S = P + T                                                   # tokens of a sequence: prompt + response
     n_gen = s.generation_batch_size or s.prompts_per_step * s.group_size   # sequences per `generate` call
-    b, chunk = s.micro_batch_size, s.logprob_chunk
+    b, chunk, r = s.micro_batch_size, s.logprob_chunk, s.lora_rank
+    text, vision, merger = lora_layers(config, s) if r else ([], [], [])
+    n_lora = r * (L * sum(i + o for i, o in text) + Lv * sum(i + o for i, o in vision) + sum(i + o for i, o in merger))
+    trained = n_lora if r else N                                # the parameters with gradients and Adam moments
+    largest_trained = r * max(max(i, o) for i, o in text + vision + merger) if r else largest
+    grad_bytes = 4 if r else 2                                  # fp32 adapters, or bf16 weights
+    # LoRA (fp32 adapters in a bf16 model): each adapted layer casts its input to fp32, a copy that backward keeps
+    # (lora_saved: 4·in bytes per token, summed over a layer's adapted linears), and adds B·A·x in fp32 (B's output,
+    # scaled, then summed with the base output: lora_temp = 4·in + 8·out at the widest one).
+    lora_saved = lambda shapes: 4 * sum(i for i, o in shapes)                        # noqa: E731
+    lora_temp = lambda shapes: max((4 * i + 8 * o for i, o in shapes), default=0)    # noqa: E731
+    vision_backward = not r or s.lora_vision  # a frozen tower without adapters is no part of the backward
     # One layer's forward without gradients, at its widest (the MLP): residual, normed input, act(gate), up and
     # their product, bf16 → (6H + 6I) bytes per token; the vision blocks alike per patch; plus the bool attention
     # mask [n, 1, P, P] that left padding makes sdpa use.
-    no_grad_layer = lambda n, tokens: n * max(tokens * (6 * H + 6 * I) + tokens ** 2,  # noqa: E731
-                                              patches * (6 * Hv + 6 * Iv))
+    no_grad_layer = lambda n, tokens: n * max(tokens * (6 * H + 6 * I + lora_temp(text)) + tokens ** 2,  # noqa
+                                              patches * (6 * Hv + 6 * Iv + lora_temp(vision)))
     c = {
-        "policy_weights": 2 * N,
-        "reference_weights": 2 * N if s.kl_beta > 0 else 0,    # frozen copy for the KL term (APO_SPEC §6)
-        "adam_moments": 8 * N,                                   # m and v, fp32
-        "gradients": 2 * N,                                      # bf16, from the first backward to the last step
+        "policy_weights": 2 * N + 4 * n_lora,                  # bf16 weights (+ fp32 adapters)
+        "reference_weights": 2 * N if s.kl_beta > 0 and not r else 0,  # frozen copy for the KL term (APO_SPEC §6)
+        "adam_moments": 8 * trained,                             # m and v, fp32
+        "gradients": grad_bytes * trained,                       # from the first backward to the last step
         # adamw.AdamW works on slices of AdamW.slice_size weights: fp32 grad, denominator and weight, and the
         # rounding's int32 noise, sum and mask: 6 × 4 bytes per weight of the largest slice.
-        "optimizer_temporaries": 24 * min(largest, AdamW.slice_size),
+        "optimizer_temporaries": 24 * min(largest_trained, AdamW.slice_size),
         # K and V of every layer for every sequence at full length, bf16: n_gen · S · L · 2 · kv · 2 bytes.
         "kv_cache": n_gen * S * L * 2 * kv * 2,
         # Prefill: all n_gen prompts through one layer at a time (no gradients).
         "prefill_activations": no_grad_layer(n_gen, P),
         # Gradient checkpointing keeps each layer's input, bf16: b · (S·L·H + patches·Lv·Hv) · 2 bytes.
-        "checkpointed_activations": b * (S * L * H + patches * Lv * Hv) * 2,
+        "checkpointed_activations": b * (S * L * H + patches * Lv * Hv * vision_backward) * 2,
         # Backward of one layer: its forward is recomputed with what backward needs kept — 2 RMSNorms (fp32 input
         # 4H + bf16 output 2H each), q/k/v input, rotated q and k, v, attention output, o_proj input (8H + 4kv),
         # gate, act(gate), up, product (8I) — plus gradients in flight (4H + 4I): (26H + 12I + 4kv) bytes/token.
-        "layer_recompute": b * max(S * (26 * H + 12 * I + 4 * kv), patches * (30 * Hv + 12 * Iv)),
+        "layer_recompute": b * max(S * (26 * H + 12 * I + 4 * kv + lora_saved(text) + lora_temp(text)),
+                                   patches * (30 * Hv + 12 * Iv + lora_saved(vision) + lora_temp(vision))
+                                   * vision_backward),
         # rollout.response_logprobs: fp32 [chunk, V] tensors — in backward the saved log-softmax, the gradient
         # scattered by gather, and log_softmax's exp and result: 4 × chunk · V · 4 bytes (2 without gradients).
         "logits_chunk": 4 * chunk * V * 4,
-        # A parameter's fresh gradient before it is added to .grad: the tied embedding / output projection, V·H.
-        "parameter_gradient_temporary": 2 * largest,
+        # A parameter's fresh gradient before it is added to .grad: the tied embedding / output projection, V·H
+        # (with LoRA: the largest adapter matrix).
+        "parameter_gradient_temporary": grad_bytes * largest_trained,
         "micro_batch_forward": no_grad_layer(b, S),
         # rollout.response_logprobs asks the model's forward for its hidden states (the last one is projected):
         # without gradients every layer's output then stays alive, b · S · (L + 1) · H · 2 bytes. (With them, the
@@ -203,11 +245,13 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
                            + max(c["logits_chunk"] + c["parameter_gradient_temporary"], c["layer_recompute"]))
     gib = lambda x: round(x / GiB, 2)  # noqa: E731
     peak = max(phases.values())
-    return {"parameters": N, "peak_memory_gib": gib(peak), "target_gib": TARGET_GIB, "fits": peak <= TARGET_GIB * GiB,
+    return {"parameters": N, "trained_parameters": trained, "peak_memory_gib": gib(peak), "target_gib": target_gib,
+            "fits": peak <= target_gib * GiB,
             "peak_phase": max(phases, key=phases.get), "components_gib": {k: gib(x) for k, x in c.items()},
             "phases_gib": {k: gib(x) for k, x in phases.items()},
             "assumptions": {"prompt_tokens": P, "response_tokens": T, "patches_per_image": patches,
-                            "generation_batch": n_gen, "micro_batch_size": b, "logprob_chunk": chunk}}
+                            "generation_batch": n_gen, "micro_batch_size": b, "logprob_chunk": chunk,
+                            "lora_rank": r}}
 
 
 def dry_run(a, s: apo.Args, processor) -> dict:
@@ -217,11 +261,12 @@ def dry_run(a, s: apo.Args, processor) -> dict:
         counts = count_parameters(Qwen2_5_VLForConditionalGeneration(config))
     prompts = synthetic_prompts(processor, 1, a.image_size, s, a.seed)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
-    plan = memory_plan(config, counts, s, P, patches)
+    plan = memory_plan(config, counts, s, P, patches, a.target_gib)
     # The longest prompt the settings admit (--max-prompt-tokens) with an image at --max-pixels, at the default
     # generation batch, and the largest generation batch that keeps it within the target.
     longest = lambda n_gen: memory_plan(config, counts, dataclasses.replace(s, generation_batch_size=n_gen),  # noqa
-                                        s.max_prompt_tokens, s.max_pixels // config.vision_config.patch_size ** 2)
+                                        s.max_prompt_tokens, s.max_pixels // config.vision_config.patch_size ** 2,
+                                        a.target_gib)
     worst = longest(s.generation_batch_size)
     plan["longest_prompt"] = {**{k: worst[k] for k in ("peak_memory_gib", "fits", "peak_phase", "phases_gib",
                                                         "assumptions")},
@@ -366,11 +411,17 @@ def bench(a, s: apo.Args, processor) -> dict:
     random.seed(a.seed)
     with torch.device(device):  # random weights, made directly where they are used
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 else None
+    counts = count_parameters(model)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 and not s.lora_rank else None
     if s.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if s.lora_rank:  # as run_folder.load_models: adapters, and the reference is the model with them off
+        model = run_folder.add_adapters(model, run_folder.lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout,
+                                                                      s.lora_targets, s.lora_vision), a.seed)
+        reference = run_folder.AdaptersOff(model) if s.kl_beta > 0 else None
     model.train()
-    optimizer = AdamW(model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.adam_betas,
+                      weight_decay=s.weight_decay)
     gen_config = rollout.generation_config(processor, s.max_new_tokens, s.temperature, s.top_p)
     if a.full_length:
         gen_config.min_new_tokens = s.max_new_tokens
@@ -381,7 +432,6 @@ def bench(a, s: apo.Args, processor) -> dict:
         if a.compile_decode and device.type != "cuda":
             gen_config.compile_config = CompileConfig()
             gen_config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
-    counts = count_parameters(model)
     prompts = synthetic_prompts(processor, s.prompts_per_step, a.image_size, s, a.seed)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
     clock = DecodeClock()
@@ -437,7 +487,7 @@ def bench(a, s: apo.Args, processor) -> dict:
                                           if device.type == "cuda" else None),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3) if device.type == "cuda" else None,
         "per_step": steps,
-        "memory_plan": memory_plan(config, counts, s, P, patches) if device.type == "cuda" else None,
+        "memory_plan": memory_plan(config, counts, s, P, patches, a.target_gib) if device.type == "cuda" else None,
     }
     return result
 

@@ -44,6 +44,11 @@ RANGES = [
     ("generation_batch_size", lambda v: v >= 0, ">= 0 (0: all B·G at once)"),
     ("logprob_chunk", lambda v: v >= 1, ">= 1"),
     ("max_bad_updates", lambda v: v >= 1, ">= 1"),
+    ("lora_rank", lambda v: v >= 0, ">= 0 (0: all parameters, no LoRA)"),
+    ("lora_alpha", lambda v: v >= 0, ">= 0 (0: twice the rank)"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("report_to", lambda v: {b.strip() for b in v.split(",")} <= {"none", "tensorboard", "wandb"},
+     "tensorboard, wandb, both (comma-separated) or none"),
 ]
 ORDERED = [("min_lr", "lr"), ("min_pixels", "max_pixels")]  # (low, high): low <= high
 

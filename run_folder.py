@@ -8,8 +8,10 @@ named places.
     samples.jsonl        a few prompts per step, with their G responses and the step's numbers for each
     curves.png           metrics and evaluations, redrawn at each checkpoint
     checkpoint-NNNNNN/   a plain HF folder + trainer_state.pt (optimizer, RNG streams per process, counters) +
-                         trainer_state.json (the counters, readable); with --fsdp the weights and moments in sharded/
+                         trainer_state.json (the counters, readable); with --fsdp the weights and moments in sharded/;
+                         with --lora-rank the adapters in adapter/ (peft) instead of the weights
     final/               the trained model (from_pretrained loads it), with its trainer state: a run can go on
+                         (with --lora-rank: the adapters merged into it, and adapter/ beside)
 """
 
 import json
@@ -115,22 +117,134 @@ def caused_by(err: BaseException, kind) -> bool:
 
 
 def load_models(model: str, resume_from: Path | None, with_reference: bool, gradient_checkpointing: bool,
-                fsdp: bool, dtype, device, trust_remote_code: bool = False) -> tuple:
+                fsdp: bool, dtype, device, trust_remote_code: bool = False, lora=None, seed: int = 0) -> tuple:
     """(policy, reference, processor): the policy from `resume_from` when the run resumes (with --fsdp its
     weights come from the checkpoint's shards later, in `restore`), else from `model`, in training mode, sharded
-    with --fsdp; the reference (None without one) always from `model`, frozen."""
-    policy, processor = load_model(str(resume_from if resume_from and not fsdp else model), dtype, device,
-                                   trust_remote_code)
+    with --fsdp; the reference (None without one) always from `model`, frozen.
+
+    With `lora` (a peft LoraConfig, `lora_config`): the policy is `model` with adapters (new ones, or those of
+    `resume_from`), and the reference is that same model with its adapters switched off (`AdaptersOff`): the
+    base weights, once in memory."""
+    if lora is not None and fsdp:
+        sys.exit("--lora-rank does not work with --fsdp: with LoRA a whole replica fits one GPU (README, 'Smaller "
+                 "GPUs'); run data parallel, torchrun without --fsdp")
+    if resume_from and (resume_from / "adapter").exists() != (lora is not None):
+        sys.exit(f"{resume_from} was saved {'with' if lora is None else 'without'} --lora-rank: resume the same way")
+    policy, processor = load_model(str(resume_from if resume_from and not fsdp and lora is None else model), dtype,
+                                   device, trust_remote_code)
     reference = None
-    if with_reference:
+    if with_reference and lora is None:
         reference, _ = load_model(model, dtype, device, trust_remote_code)
         reference.eval().requires_grad_(False)
     if gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        policy = add_adapters(policy, lora, seed, resume_from and resume_from / "adapter")
+        reference = AdaptersOff(policy) if with_reference else None
     policy.train()
     if fsdp:
         parallel.shard(policy)
     return policy, reference, processor
+
+
+# ------------------------------------------------------------------------------------------------------------ LoRA
+# Where adapters go: the language model's linear layers named by --lora-targets, and with --lora-vision the vision
+# tower's too (its blocks, and the two linear layers of the merger that projects image features into the language
+# model: mlp.0 and mlp.2, around a GELU).
+LANGUAGE_LAYERS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({})"
+VISION_LAYERS = r"model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])"
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: str, vision: bool):
+    """The peft LoraConfig of --lora-rank, --lora-alpha (0: twice the rank), --lora-dropout, --lora-targets and
+    --lora-vision; None for rank 0 (all parameters are trained)."""
+    if not rank:
+        return None
+    from peft import LoraConfig
+
+    names = "|".join(n.strip() for n in targets.split(",") if n.strip())
+    pattern = LANGUAGE_LAYERS.format(names) + (f"|{VISION_LAYERS}" if vision else "")
+    return LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=pattern,
+                      bias="none")
+
+
+def add_adapters(model, lora, seed: int, adapter: Path | None = None):
+    """`model` with LoRA adapters (peft): new ones (A random from `seed`, B = 0, so the policy starts as the base
+    model), or those saved in `adapter` when a run resumes. Only the adapters are trainable, in fp32 whatever the
+    base weights' dtype (peft's default); everything else is frozen and gets no gradient."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    # Gradient checkpointing here is non-reentrant, which needs no input that requires grad: the hooks that make the
+    # embeddings' outputs require it (for the reentrant kind), transformers' and then peft's, would only send the
+    # backward through the frozen vision tower, for no gradient. Both are removed.
+    model.disable_input_require_grads()
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.simplefilter("ignore", FutureWarning)
+        if adapter is not None:
+            saved = LoraConfig.from_pretrained(adapter)
+            settings = lambda c: (c.r, c.lora_alpha, c.lora_dropout, c.target_modules)  # noqa: E731
+            if settings(saved) != settings(lora):
+                sys.exit(f"{adapter} holds adapters of other LoRA settings {settings(saved)} than asked "
+                         f"{settings(lora)}: resume with the run's own flags")
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            # the same A on every process of a data-parallel run, whatever their own random streams
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                torch.manual_seed(seed)
+                model = get_peft_model(model, lora)
+    model.get_base_model().disable_input_require_grads()
+    return model
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+class AdaptersOff:
+    """The reference of a LoRA policy: the policy itself with its adapters switched off (peft's
+    `disable_adapter`), which is exactly the base model, with no second copy of its weights (7 GB for a 3B).
+    `rollout.batched_logprobs` calls it as it calls a model (it reads `device` and `lm_head` too); each call runs
+    without gradients and in eval mode, so that no LoRA dropout acts, then gives the policy its mode back."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @property
+    def device(self):
+        return self.policy.device
+
+    @property
+    def lm_head(self):  # not adapted (only the layers named by LANGUAGE_LAYERS, VISION_LAYERS are)
+        return self.policy.lm_head
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), self.policy.disable_adapter():
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)
+
+
+def merged_weights(policy) -> dict:
+    """The state dict of a plain model with the adapters folded in, W + (α/r)·B·A (peft's `get_delta_weight`),
+    computed in fp32 and rounded once to the weights' dtype, on the CPU: for final/, which loads without peft.
+    The policy itself stays unmerged: merging in place and back would round the base weights, the reference."""
+    from peft.tuners.lora import LoraLayer
+
+    base, weights = policy.get_base_model(), {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            w = module.get_base_layer().weight
+            weights[f"{name}.weight"] = (w.float() + module.get_delta_weight("default").float()).to(w.dtype).cpu()
+    on_cpu = {}  # tied weights (the embedding and the output projection) stay one tensor
+    for name, tensor in base.state_dict().items():
+        if "lora_" not in name:
+            weights.setdefault(name.replace(".base_layer.", "."), on_cpu.setdefault(tensor.data_ptr(), tensor.cpu()))
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -177,7 +291,11 @@ def save_checkpoint(out: Path, name: str, model, processor, trainer_state: dict 
         parallel.save_sharded(model, optimizer, tmp / "sharded")
         weights = parallel.full_state_dict(model) if name == "final" else None  # on rank 0
     if main:
-        if not sharded or weights is not None:
+        if is_lora(model):  # the adapters alone (peft), whose base is the run's --model; final/ a plain model too
+            model.save_pretrained(tmp / "adapter")
+            if name == "final":
+                model.get_base_model().save_pretrained(tmp, state_dict=merged_weights(model), safe_serialization=True)
+        elif not sharded or weights is not None:
             model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         else:
             model.config.save_pretrained(tmp)  # the weights are in sharded/
@@ -266,16 +384,102 @@ def restore(resume_from: Path, model, optimizer, fsdp: bool, steps: int) -> dict
 
 
 # ------------------------------------------------------------------------------------------------------------ logs
-def append(out: Path, name: str, rows: list):
-    """Rows appended to out/name.jsonl, one JSON line each (process 0 alone writes)."""
+def append(out: Path, name: str, rows: list, live=None):
+    """Rows appended to out/name.jsonl, one JSON line each (process 0 alone writes), and sent to `live` (LiveLog)."""
     if parallel.is_main():
         with open(out / f"{name}.jsonl", "a") as f:
             f.write("".join(json.dumps(row) + "\n" for row in rows))
+    if live is not None:
+        live.log(name, rows)
 
 
 def logged_steps(out: Path, name: str) -> set:
     path = out / f"{name}.jsonl"
     return {json.loads(line)["step"] for line in path.read_text().splitlines()} if path.exists() else set()
+
+
+def live_tag(log: str, key: str) -> str:
+    """The TensorBoard and W&B name of a field of metrics.jsonl or eval.jsonl: eval/…, apo/… (DADS, STCR), train/…"""
+    group = "eval" if log == "eval" else "apo" if key.startswith(("dads_", "stcr_")) else "train"
+    return f"{group}/{key}"
+
+
+class LiveLog:
+    """--report-to: what `append` writes to metrics.jsonl, eval.jsonl and samples.jsonl is also sent, by process 0,
+    to TensorBoard (out/tensorboard/) and W&B (out/wandb/), each imported only when asked for. The names are grouped
+    as TRL groups its own: eval/… for held-out evaluations, apo/… for APO's terms (DADS, STCR), train/… for the rest
+    of a step's metrics, each at the step of its JSON line; a step's samples as a text (TensorBoard) or a table (W&B).
+
+    A resumed run goes on in the same TensorBoard folder and W&B run (its id in out/live.json), and redoes the steps
+    after its checkpoint, which each backend keeps once:
+    - TensorBoard: live.json holds the last step written to disk of each log, and the steps redone are not written
+      again; their first values stay, which an exact resume reproduces. (purge_step, which should hide them, hid
+      the earlier scalars but not the texts, and TensorBoard's own plugin reader kept both: tried.)
+    - W&B: sent again at their steps; W&B ignores a step below a resumed run's last one (online, where the server
+      tells the run where it stands), and so keeps the first values too, while a step it lost in a hard kill (its
+      client writes its file every 15 s) is sent anew. Offline, W&B cannot know the run's steps: the resumed run's
+      folder holds the steps it redid again."""
+
+    def __init__(self, out: Path, report_to: str, config: dict):
+        backends = {b.strip() for b in report_to.split(",")} - {"", "none"}
+        if backends - {"tensorboard", "wandb"}:
+            sys.exit(f"--report-to takes tensorboard, wandb, both (comma-separated) or none, not {report_to!r}")
+        self.path, self.tensorboard, self.wandb = out / "live.json", None, None
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"tensorboard_written": {}}
+        if not parallel.is_main() or not backends:
+            return
+        try:
+            if "tensorboard" in backends:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+            if "wandb" in backends:
+                import wandb
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "apo"), name=out.name, config=config,
+                                        id=self.state.get("wandb_id"), resume="allow", dir=str(out))
+                self.state["wandb_id"] = self.wandb.id  # a new run's, then the same on every resume
+        except ImportError as e:
+            sys.exit(f"--report-to {report_to} needs {e.name}: pip install {e.name}")
+        self.path.write_text(json.dumps(self.state, indent=1))
+
+    def log(self, name: str, rows: list):
+        """Rows of one log ('metrics', 'eval' or 'samples'), step by step."""
+        for step in sorted({r["step"] for r in rows}):
+            at = [r for r in rows if r["step"] == step]
+            # (a field that is None has no value this step: no correct response, say)
+            scalars = {} if name == "samples" else {live_tag(name, k): v for k, v in at[0].items()
+                                                    if k != "step" and isinstance(v, (int, float))}
+            if self.wandb:
+                self.wandb.log({"samples": samples_table(at, wandb=True)} if name == "samples" else scalars, step=step)
+            written = self.state["tensorboard_written"]
+            if self.tensorboard and step > written.get(name, -1):
+                for tag, value in scalars.items():
+                    self.tensorboard.add_scalar(tag, value, step)
+                if name == "samples":
+                    self.tensorboard.add_text("samples", samples_table(at), step)
+                self.tensorboard.flush()  # on disk before live.json says so (a kill in between: this step twice)
+                written[name] = step
+                self.path.write_text(json.dumps(self.state, indent=1))
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+        self.tensorboard = self.wandb = None
+
+
+def samples_table(rows: list, wandb: bool = False):
+    """A step's logged groups, one line per response (problem, gold, response, reward, advantage): a W&B Table, or
+    a Markdown table for TensorBoard's text panel (whose cells may hold no | or line break)."""
+    columns = ["problem", "answer", "response", "reward", "advantage"]
+    lines = [[r["problem"], r["answer"], text, reward, advantage] for r in rows
+             for text, reward, advantage in zip(r["responses"], r["rewards"], r["advantages"])]
+    if wandb:
+        import wandb as wb
+        return wb.Table(columns=columns, data=lines)
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    table = [columns, ["---"] * len(columns)] + [list(map(cell, line)) for line in lines]
+    return "\n".join(" | ".join(row) for row in table)
 
 
 CURVES = [  # panel title, then (log, key, label) drawn in it: log 'metrics' is per step, 'eval' per evaluation

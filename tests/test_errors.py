@@ -26,6 +26,11 @@ BAD_FLAGS = [
     (["--kl-beta", "-1"], "argument --kl-beta: must be >= 0 (0: no reference model), got -1.0"),
     (["--steps", "-1"], "argument --steps: must be >= 0 (0: --epochs passes over the data), got -1"),
     (["--group-size", "1"], "argument --group-size: must be >= 2 (advantages are relative to the group), got 1"),
+    (["--lora-rank", "-8"], "argument --lora-rank: must be >= 0 (0: all parameters, no LoRA), got -8"),
+    (["--lora-alpha", "-1"], "argument --lora-alpha: must be >= 0 (0: twice the rank), got -1.0"),
+    (["--lora-dropout", "1"], "argument --lora-dropout: must be in [0, 1), got 1.0"),
+    (["--report-to", "mlflow"], "argument --report-to: must be tensorboard, wandb, both (comma-separated) or none, "
+                                "got 'mlflow'"),
     (["--clip-eps", "0"], "argument --clip-eps: must be > 0, got 0.0"),
     (["--stcr-base", "0.99"], "argument --stcr-base: must be >= 1 (1: no STCR weight; below 1 it would favour "
                               "long wrong answers), got 0.99"),
@@ -63,7 +68,7 @@ BAD_FLAGS = [
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
     (["--kl-beta", "nan"], "argument --kl-beta: must be a finite number, got nan"),
     (["--data", "toy", "--lr", "0"], "argument --lr: must be > 0, got 0.0"),  # a preset's values are checked too
-    (["--preset", "paper"], "argument --preset: must be one of authors, toy, got 'paper'"),
+    (["--preset", "paper"], "argument --preset: must be one of authors, toy, toy-lora, got 'paper'"),
 ]
 
 

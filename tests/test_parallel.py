@@ -196,3 +196,21 @@ def test_prompts_that_do_not_split_evenly_are_a_clear_error(toy_model, tmp_path)
     outputs = processes.finish(check=False)
     assert all(p.returncode != 0 for p in processes.procs)
     assert all("must divide by the number of processes (2)" in o for o in outputs)
+
+
+def test_a_two_rank_lora_run_equals_one_process_and_rank_0_alone_logs_live(toy_model, tmp_path):
+    """--lora-rank under torchrun: the adapters start alike on both ranks (seeded), their gradients are summed, and
+    the run writes the metrics, samples and evaluations of one process doing the whole step (to the tolerance of the
+    2-rank test above), and ends with its adapters; --report-to tensorboard: one writer, rank 0's."""
+    from safetensors.torch import load_file
+    steps = ["--steps", "2", "--save-every", "100", "--lora-rank", "4", "--lr", "5e-3", "--report-to", "tensorboard"]
+    Processes([sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "two", *steps)], world=2).finish()
+    one = apo.train(apo.parse_args(run_args(tmp_path / "one", *steps)))
+    for name in ("metrics", "samples", "eval"):
+        assert_close_rows(read_jsonl(tmp_path / "two" / f"{name}.jsonl"), read_jsonl(one / f"{name}.jsonl"))
+    adapters = [load_file(run / "final" / "adapter" / "adapter_model.safetensors") for run in (tmp_path / "two", one)]
+    assert adapters[0].keys() == adapters[1].keys() and all("lora_" in k for k in adapters[0])
+    for k in adapters[0]:  # (Adam's first steps amplify the summation order, as in the FSDP test above)
+        torch.testing.assert_close(adapters[0][k], adapters[1][k], rtol=0, atol=1e-5, msg=k)
+    assert any("lora_B" in k and adapters[0][k].abs().sum() > 0 for k in adapters[0])  # B moved from 0
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
