@@ -84,8 +84,7 @@ class Args:
     grad_clip: float = 1.0
     """gradient-norm clip (authors: 1.0)"""
     loss_agg: str = "token"
-    """policy-loss mean: 'token' (over all response tokens of the mini-batch) or 'sequence' (per response
-    first)"""
+    """policy-loss mean: 'token' (over the mini-batch's response tokens) or 'sequence' (per response first)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature (authors: 1.0)"""
     top_p: float = 1.0
@@ -105,12 +104,10 @@ class Args:
     """seed of data order, sampling and initialization of everything random"""
     # model and data
     model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
-    """policy to train and frozen reference: a Qwen2.5-VL checkpoint, Hub id or local folder ('toy': the toy
-    task's model)"""
+    """policy to train and frozen reference: a Qwen2.5-VL checkpoint, Hub id or folder ('toy': the toy)"""
     data: str = "geo3k"
-    """'geo3k' (hiyouga/geometry3k), 'toy', a Hub dataset id, a local folder in the Hub layout, a .parquet or
-    .jsonl/.json file with the geo3k columns, or a .json/.jsonl file in the authors' format ('message' +
-    'answer')"""
+    """'geo3k' (hiyouga/geometry3k), 'toy', a Hub id, a folder in the Hub layout, a .parquet, .jsonl or
+    .json file with the geo3k columns, or a .json/.jsonl file in the authors' format ('message' + 'answer')"""
     split: str = "train"
     """dataset split to train on (Hub ids and folders)"""
     image_column: str = "images"
@@ -136,8 +133,7 @@ class Args:
     resume: bool = False
     """continue the run found in --out from its latest checkpoint"""
     eval_every: int = 50
-    """greedy accuracy and format rate on held-out problems at step 0, every N steps and at the end, into
-    eval.jsonl and curves.png (0: never)"""
+    """greedy accuracy on held-out problems at step 0, every N steps and at the end (eval.jsonl; 0: never)"""
     eval_data: str = ""
     """data to evaluate on, as --data ('': the training data's own --eval-split; a single file has none)"""
     eval_split: str = "test"
@@ -154,9 +150,8 @@ class Args:
     """'authors': the authors' schedule where one GPU allows (APO_SPEC §8); explicit flags still win"""
     # LoRA and live logging
     lora_rank: int = 0
-    """r: train LoRA adapters of this rank (peft) instead of all parameters; the reference is then the same
-    model with its adapters off, with no second copy (0: all parameters, as the authors; README, 'Smaller
-    GPUs')"""
+    """r: train LoRA adapters of this rank (peft), not all parameters; the reference is then the same model
+    with its adapters off, no second copy (0: all parameters, as the authors; README, 'Smaller GPUs')"""
     lora_alpha: float = 0.0
     """α: the adapters add (α/r)·B·A to each weight they adapt (0: twice the rank)"""
     lora_dropout: float = 0.0
@@ -177,8 +172,7 @@ class Args:
     gradient_checkpointing: bool = True
     """recompute activations in backward: trades ~30% compute for most of the activation memory"""
     micro_batch_size: int = 4
-    """responses per forward/backward (gradients accumulate over a mini-batch: the result does not depend on
-    it)"""
+    """responses per forward/backward (gradients accumulate over a mini-batch: the result does not change)"""
     generation_batch_size: int = 0
     """sequences per `generate` call (0: all B·G at once)"""
     logprob_chunk: int = 1024
