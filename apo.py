@@ -1,47 +1,35 @@
 """APO: Asymmetric Policy Optimization for Qwen2.5-VL (arXiv 2506.21655), the method in one file.
 
-APO is GRPO with two asymmetric terms. For each prompt, G responses are sampled and scored, and each
-response's advantage is its reward relative to its group (GRPO). Then:
-  - STCR, on negatives: a wrong response longer than the group's correct ones gets a more negative advantage;
-  - DADS, on positives: the KL penalty of a positive response is scaled down on hard prompts, so that a rare
-    success may move the policy further from the reference.
-`docs/APO_SPEC.md` gives the exact math; each function below cites its section (§).
-
-Read it top to bottom, as the paper: the arguments, the group advantage (§2), STCR (§4), DADS (§5), the
-loss (§6-§7), the update (§8), `apo_step` (one whole step) and the `train` driver. `rollout.py` samples
-responses and computes log-probs, `reward.py` scores them. The plumbing has files of its own: `data.py`
-(sources, bad rows, data order), `run_folder.py` (models, checkpoints, resume, logs, curves, signals),
-`adamw.py` (the bf16 optimizer), `flags.py` (each flag's range), `parallel.py` (many GPUs: a few calls here,
-each a no-op on one).
-
-What turns GRPO into APO (`--no-dads --no-stcr` switches both off: GRPO with a k3 KL loss):
-  1. `stcr_multiplier`: Â = (1 + w)·Â⁰ for the wrong responses longer than the group's correct ones (§4);
-  2. `dads_kl_weights`: each positive response's KL term weighted by κ = f(d), d its prompt's difficulty (§5).
-Both are switched on in `apo_step` and act in `apo_loss`, nowhere else.
+APO is GRPO (G responses per prompt, each one's advantage its reward relative to its group) with two
+asymmetric terms; `docs/APO_SPEC.md` gives the exact math, and each function below cites its section (§):
+  1. STCR, on negatives: `stcr_multiplier`, Â = (1 + w)·Â⁰ for a wrong response longer than its group's
+     correct ones (§4);
+  2. DADS, on positives: `dads_kl_weights`, each positive response's KL term weighted by κ = f(d), below 1 on
+     hard prompts (d: the difficulty), so that a rare success may move further from the reference (§5).
+Both are switched on in `apo_step` and act in `apo_loss`, nowhere else (`--no-dads --no-stcr`: GRPO with a k3
+KL loss). Read top to bottom: the arguments, §2-§8, `apo_step` (one whole step), the `train` driver.
+`rollout.py` samples and computes log-probs, `reward.py` scores; the plumbing: `data.py` (sources, bad rows,
+data order), `run_folder.py` (models, checkpoints, resume, logs, signals), `adamw.py` (the bf16 optimizer),
+`flags.py` (the command line), `parallel.py` (many GPUs: calls that are no-ops on one).
 
 Where this code departs from the paper and the authors' code (the README gives each one's reason):
   1. the policy term is the mean over all response tokens of the optimizer mini-batch (independent of
-     micro-batching), not the authors' mean per micro-batch of 2 sequences (`--loss-agg sequence`: the GRPO
-     paper's per-response mean);
+     micro-batching), not the authors' mean per micro-batch of 2 sequences (`--loss-agg sequence`);
   2. rewards: unparseable golds are skipped rows (not reward 1.0), letter golds compare as letters, a \\boxed
      answer outside <answer> tags still earns accuracy, and answers are read whole (reward.py);
   3. one GPU instead of eight: HF `generate` instead of vLLM, bf16 weights with fp32 Adam moments and
-     stochastic rounding instead of ZeRO-2 fp32 master weights, 16 prompts a step instead of 128; many GPUs
-     through torchrun (data parallel, or FSDP2 with --fsdp) instead of DeepSpeed;
+     stochastic rounding instead of ZeRO-2 fp32 master weights, 16 prompts a step instead of 128; torchrun
+     (data parallel, or FSDP2 with --fsdp) instead of DeepSpeed;
   4. with one optimizer step per rollout, ℓ_old is ℓ_θ itself (detached): the same gradient, one pass less;
   5. sampling is keyed (rollout.KeyedSampler): the same responses on any number of GPUs, at any batch size;
   6. the data is shuffled each pass (the authors' script does not: `--no-shuffle`).
 """
 
-import argparse
-import ast
 import dataclasses
-import inspect
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +44,7 @@ from adamw import AdamW
 
 
 # ----------------------------------------------------------------------------------------------- arguments
-@dataclass
+@dataclasses.dataclass
 class Args:
     # the method (APO_SPEC §2-§8)
     group_size: int = 8
@@ -106,8 +94,7 @@ class Args:
     model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     """policy to train and frozen reference: a Qwen2.5-VL checkpoint, Hub id or folder ('toy': the toy)"""
     data: str = "geo3k"
-    """'geo3k' (hiyouga/geometry3k), 'toy', a Hub id, a folder in the Hub layout, a .parquet, .jsonl or
-    .json file with the geo3k columns, or a .json/.jsonl file in the authors' format ('message' + 'answer')"""
+    """'geo3k', 'toy', a Hub id, a folder in the Hub layout, a .parquet/.jsonl/.json file (README, 'Use')"""
     split: str = "train"
     """dataset split to train on (Hub ids and folders)"""
     image_column: str = "images"
@@ -123,8 +110,7 @@ class Args:
     min_pixels: int = 3136
     """images are resized to at least this many pixels (Qwen's default, 4 × 28²)"""
     max_pixels: int = 401408
-    """and at most this many (512 × 28², at most 512 image tokens; authors: 2,560,000). With the defaults
-    every admissible prompt then fits one 80 GB GPU (docs/PERF.md); geometry3k diagrams are far smaller"""
+    """and at most this many (512 × 28²: ≤ 512 image tokens, fits 80 GB: docs/PERF.md; authors: 2,560,000)"""
     trust_remote_code: bool = False
     """allow code shipped with a checkpoint to run (off unless you trust its source)"""
     # the run folder: logs, held-out evaluation, checkpoints
@@ -150,20 +136,19 @@ class Args:
     """'authors': the authors' schedule where one GPU allows (APO_SPEC §8); explicit flags still win"""
     # LoRA and live logging
     lora_rank: int = 0
-    """r: train LoRA adapters of this rank (peft), not all parameters; the reference is then the same model
-    with its adapters off, no second copy (0: all parameters, as the authors; README, 'Smaller GPUs')"""
+    """r: train LoRA adapters of this rank, the reference being the adapters off (0: all parameters; README,
+    'Smaller GPUs')"""
     lora_alpha: float = 0.0
     """α: the adapters add (α/r)·B·A to each weight they adapt (0: twice the rank)"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' inputs in the update's forward passes (never in rollouts or ℓ_ref); 0, as RL
-    recipes advise: with dropout the ratio π_θ/π_old compares two random masks"""
+    """dropout on the adapters' inputs, in the update only (0, as advised: else ρ compares random masks)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """the language model's linear layers that get adapters, comma-separated (default: all of them)"""
     lora_vision: bool = False
     """adapters on the vision tower too (its blocks and merger); without, it stays the base model's, frozen"""
     report_to: str = "none"
-    """live logs of the metrics, evaluations and samples: 'tensorboard', 'wandb' or both, comma-separated,
-    into --out (tensorboard/, wandb/; W&B reads WANDB_PROJECT, WANDB_MODE, ...); 'none': JSON lines alone"""
+    """live logs into --out: 'tensorboard', 'wandb' or both, comma-separated (W&B reads WANDB_PROJECT,
+    WANDB_MODE, ...); 'none': the JSON lines alone"""
     # the machine: none of these changes the result
     device: str = "auto"
     """'auto' (CUDA, else stop unless the model is 'toy'), 'cuda' or 'cpu' (forces the CPU)"""
@@ -180,15 +165,13 @@ class Args:
     max_bad_updates: int = 3
     """stop (after a checkpoint) when this many updates in a row have a non-finite loss or gradient"""
     fsdp: bool = False
-    """under torchrun: shard weights, gradients and Adam moments over the processes (FSDP2), for models that
-    do not fit one GPU (a 7B with its Adam moments: ~83 GB); without it, each process holds a whole replica"""
+    """under torchrun: shard weights, gradients and Adam moments (FSDP2; without: a replica per process)"""
 
 
 # ------------------------------------------------------------------------------------- group advantage, §2
 def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """GRPO's group-normalized advantage Â⁰ (APO_SPEC §2). rewards [B, G] -> [B, G].
-
-    A group whose rewards are all equal has std 0 and gets 0 everywhere: it carries no learning signal."""
+    """GRPO's group-normalized advantage Â⁰ (APO_SPEC §2). rewards [B, G] -> [B, G]. A group whose rewards
+    are all equal has std 0 and gets 0 everywhere: it carries no learning signal."""
     mean = rewards.mean(-1, keepdim=True)                    # [B, 1]
     std = rewards.std(-1, keepdim=True)                      # [B, 1], unbiased (n-1), as the authors
     return (rewards - mean) / (std + 1e-9)                   # Â⁰_i = (r_i − mean_g r) / (std_g r + 1e-9)
@@ -197,11 +180,9 @@ def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ STCR, §4
 def stcr_multiplier(correct: torch.Tensor, lengths: torch.Tensor, base: float = 1.00001) -> torch.Tensor:
     """STCR's multiplier 1 + w of the advantage, Â = (1 + w)·Â⁰ (APO_SPEC §4). correct [B, G] (bool),
-    lengths [B, G] -> [B, G].
-
-    Only a wrong response longer than the mean of its group's correct ones gets w > 0; correct responses,
-    shorter wrong ones, and every response of a group with no correct one (L⁺ undefined) get w = 0. Two facts
-    of the authors' setting, both kept as they have them (`--stcr-base` tunes the strength):
+    lengths [B, G] -> [B, G]. Only a wrong response longer than the mean of its group's correct ones gets
+    w > 0; correct responses, shorter wrong ones, and every response of a group with no correct one (L⁺
+    undefined) get w = 0. Two facts of the authors' setting, kept as they have them (`--stcr-base` tunes it):
     - w ≈ Δ·ln(base) ≈ 1e-5·Δ: small at these lengths (w ≈ 0.01 at 1000 extra tokens, 0.04 at 4096);
     - the advantage counts format too, so a wrong but well-formatted response can have Â⁰ > 0 (its group's
       others lack the format), and STCR then *amplifies* that positive advantage.
@@ -225,11 +206,9 @@ def difficulty(correct: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ DADS, §5
 def dads_kl_weights(advantages: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """DADS's KL weight κ of each response (APO_SPEC §3, §5). advantages [B, G] (after STCR), correct [B, G]
-    (bool) -> [B, G].
-
-    A positive response gets κ = f(d) of its group's difficulty d = 1 − k/G; every other response gets κ = 1.
-    Easy prompt (d small): κ ≈ 1, the full KL. Hard prompt (d → 1): κ → 0, a rare success may move further
-    from the reference. Two choices of the authors, kept:
+    (bool) -> [B, G]. A positive response gets κ = f(d) of its group's difficulty d = 1 − k/G; every other
+    response gets κ = 1. Easy prompt (d small): κ ≈ 1, the full KL. Hard prompt (d → 1): κ → 0, a rare
+    success may move further from the reference. Two choices of the authors, kept:
     - f(0) = f(1) = 1 by definition, where the formula gives 0.93 and 0: a group all right has no rare success
       to free, and in a group all wrong the positives are wrong answers that merely kept the format;
     - "positive" is Â > 0, not "correct": a wrong but well-formatted answer in a group whose others lack the
@@ -252,11 +231,9 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def policy_loss(logp, old_logp, advantages, mask, clip_eps: float, agg: str, token_total: float,
                 seq_total: float) -> tuple:
     """PPO-clip policy loss (APO_SPEC §7). logp, old_logp, mask [n, T]; advantages [n] -> (loss, the share of
-    tokens where the clip binds).
-
-    `token_total` and `seq_total` are the token and response counts of the whole optimizer mini-batch (over
-    every process): a micro-batch divides by them, so that the gradients summed over micro-batches (and
-    processes) are those of the whole mini-batch at once."""
+    tokens where the clip binds). `token_total`, `seq_total`: the token and response counts of the whole
+    optimizer mini-batch (all processes): dividing each micro-batch by them, the gradients summed over
+    micro-batches (and processes) are those of the whole mini-batch at once."""
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)                                  # ρ_t = exp(ℓ_θ,t − ℓ_old,t), [n, T]
     adv = advantages[:, None]                                           # the same Â_i on every token, [n, 1]
@@ -275,7 +252,6 @@ def apo_loss(logp, old_logp, ref_logp, advantages, kl_weights, mask, kl_beta: fl
              agg: str, token_total: float, seq_total: float) -> tuple:
     """The total loss L = L_pg + β·L_kl (APO_SPEC §6-§7). Tensors [n, T]; advantages Â and kl_weights κ [n].
     Returns (loss, stats): the policy term, the κ-weighted KL term, the clip fraction and the plain KL.
-
     Why a token mean for L_pg and a response mean for L_kl: the policy term weighs every sampled token alike,
     so a long response counts by its length and micro-batching changes nothing (the Decision of §7); the KL
     term is the authors' per-response mean KL_i averaged over responses, because κ_i weighs a response, not a
@@ -605,32 +581,9 @@ PRESETS["toy-lora"] = dict(PRESETS["toy"], lr=5e-3, min_lr=5e-4)
 
 
 def parse_args(argv=None) -> Args:
-    """Command line from the Args dataclass: one flag per field, its help being the field's docstring; every
-    value checked against its range (flags.RANGES: a bad one stops here, exit 2)."""
-    source = ast.parse(inspect.getsource(Args)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(source, source[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        # argparse %-formats help strings (for %(default)s): a literal % in a docstring must be written %%
-        flag, help_ = "--" + f.name.replace("_", "-"), " ".join(docs[f.name].split()).replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        elif f.type is tuple:
-            parser.add_argument(flag, type=float, nargs=len(f.default), default=f.default, help=help_)
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=help_)
-    # A preset (or --data toy) changes the defaults; flags given explicitly still win.
-    known, _ = parser.parse_known_args(argv)
-    preset = known.preset or ("toy" if known.data == "toy" else "")
-    preset += "-lora" if known.lora_rank and f"{preset}-lora" in PRESETS else ""
-    if preset not in ("", *PRESETS):
-        parser.error(f"argument --preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
-    parser.set_defaults(**PRESETS.get(preset, {}))
-    args = Args(**vars(parser.parse_args(argv)))
-    args.adam_betas = tuple(args.adam_betas)
-    flags.check_ranges(parser, dataclasses.asdict(args))  # every value in its range (flags.RANGES)
-    return args
+    """The command line (flags.py): a flag per field of Args, its docstring the help, --preset (or --data toy)
+    changing the defaults, every value checked against its range (a bad one stops here, exit 2)."""
+    return flags.parse(Args, PRESETS, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

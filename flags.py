@@ -1,8 +1,13 @@
-"""The range of every flag, and the check that stops at a value outside it, as argparse stops (its usage, then
-"error: argument --lr: must be > 0, got -1.0", exit 2), before anything loads. `RANGES` names apo.py's flags
-(apo.Args' fields); eval.py and bench.py check their flags of the same names against it, and their own with small
-tables of the same form. A new flag: one line.
+"""The command line: apo.py's flags made from the fields of its Args dataclass (`parse`), the range of every flag,
+and the check that stops at a value outside it, as argparse stops (its usage, then "error: argument --lr: must be
+> 0, got -1.0", exit 2), before anything loads. `RANGES` names apo.py's flags (apo.Args' fields); eval.py and
+bench.py check their flags of the same names against it, and their own with small tables of the same form. A new
+flag: one line.
 """
+import argparse
+import ast
+import dataclasses
+import inspect
 import math
 import re
 
@@ -70,3 +75,34 @@ def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = OR
     for low, high in ordered:
         if values.get(low) is not None and values.get(high) is not None and values[low] > values[high]:
             parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got {values[low]!r}")
+
+
+def parse(fields_class, presets: dict, argv=None, description: str = ""):
+    """An instance of the dataclass `fields_class` (apo.Args) from the command line `argv`: one flag per field,
+    its help being the docstring under the field; `--preset NAME` (or `--data toy`: 'toy'; with --lora-rank,
+    'NAME-lora' where there is one) replaces the defaults with presets[NAME], and flags given explicitly still
+    win; every value checked against RANGES (a bad one stops here, exit 2)."""
+    source = ast.parse(inspect.getsource(fields_class)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(source, source[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(fields_class):
+        # argparse %-formats help strings (for %(default)s): a literal % in a docstring must be written %%
+        flag, help_ = "--" + f.name.replace("_", "-"), " ".join(docs[f.name].split()).replace("%", "%%")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.type is tuple:
+            parser.add_argument(flag, type=float, nargs=len(f.default), default=f.default, help=help_)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=help_)
+    # A preset (or --data toy) changes the defaults; flags given explicitly still win.
+    known, _ = parser.parse_known_args(argv)
+    preset = known.preset or ("toy" if known.data == "toy" else "")
+    preset += "-lora" if known.lora_rank and f"{preset}-lora" in presets else ""
+    if preset not in ("", *presets):
+        parser.error(f"argument --preset: must be one of {', '.join(presets)}, got {preset!r}")
+    parser.set_defaults(**presets.get(preset, {}))
+    args = fields_class(**vars(parser.parse_args(argv)))
+    args.adam_betas = tuple(args.adam_betas)
+    check_ranges(parser, dataclasses.asdict(args))  # every value in its range (RANGES)
+    return args
