@@ -27,6 +27,7 @@ format); several \\boxed answers are compared as one set or tuple when the gold 
 for {1, 2}), else the last counts; every check has a budget of CPU time.
 """
 import functools
+import gc
 import logging
 import re
 import signal
@@ -375,7 +376,10 @@ def accuracy_reward(response: str, answer: str) -> float:
 #     time: on a loaded machine a check waits longer for the CPU but uses no more of it, so load never turns a right
 #     answer into 0 (a wall-clock budget did: 0.53 s of 0.6 s seen). The thread's time, not the process's: torch,
 #     gloo or OpenMP threads busy beside the main thread do not shorten a check (with the process's time alone, a
-#     check given 0.6 s was cut after 0.47 s of its own, one torch thread busy beside it).
+#     check given 0.6 s was cut after 0.47 s of its own, one torch thread busy beside it). The check's own work,
+#     not the garbage collector's: automatic collection is off while a check runs, since a full collection of a
+#     training process's heap landing in a check is charged to it (in the test process one took 0.52 s of CPU,
+#     and 3 of 15 fell inside checks: a right answer was cut to 0 under load).
 #     Signals exist in the main thread only (where the training loop calls us); in other threads only (1) and (2)
 #     hold, so nested trig/log simplifications there can take long.
 _MAX_CHARS, _MAX_DEPTH, _MAX_SIZE, _BUDGET_S = 200, 5, 2000, 0.6
@@ -445,6 +449,9 @@ def budgeted(fn, *args, budget_s: float = _BUDGET_S):
     armed = (threading.current_thread() is threading.main_thread() and _DEADLINE[0] is None
              and signal.getitimer(signal.ITIMER_PROF)[0] == 0)
     old = signal.signal(signal.SIGPROF, _alarm) if armed else None
+    collecting = armed and gc.isenabled()
+    if collecting:
+        gc.disable()  # the garbage collector's time is not the check's: it collects after (see (3) above)
     try:
         try:
             if armed:
@@ -464,4 +471,6 @@ def budgeted(fn, *args, budget_s: float = _BUDGET_S):
     finally:
         if armed:
             signal.signal(signal.SIGPROF, old)
+        if collecting:
+            gc.enable()
     return None
