@@ -12,11 +12,11 @@ KL loss). Read top to bottom: the arguments, §2-§8, `apo_step` (one whole step
 data order), `run_folder.py` (models, checkpoints, resume, logs, signals), `adamw.py` (the bf16 optimizer),
 `flags.py` (the command line), `parallel.py` (many GPUs: calls that are no-ops on one).
 
-Where this code departs from the paper and the authors' code (the README gives each one's reason):
+Where the method departs from the paper and the authors' code (the README lists all 16, with reasons):
   1. the policy term is the mean over all response tokens of the optimizer mini-batch (independent of
      micro-batching), not the authors' mean per micro-batch of 2 sequences (`--loss-agg sequence`);
   2. rewards: unparseable golds are skipped rows (not reward 1.0), letter golds compare as letters, a \\boxed
-     answer outside <answer> tags still earns accuracy, and answers are read whole (reward.py);
+     answer in a response without <answer> tags still earns accuracy, and answers are read whole (reward.py);
   3. one GPU instead of eight: HF `generate` instead of vLLM, bf16 weights with fp32 Adam moments and
      stochastic rounding instead of ZeRO-2 fp32 master weights, 16 prompts a step instead of 128; torchrun
      (data parallel, or FSDP2 with --fsdp) instead of DeepSpeed;
@@ -482,7 +482,7 @@ def train(args: Args) -> Path:
             return out
     held_out = data.held_out_examples(args.eval_data or args.data, args.eval_split, columns, args.eval_limit,
                                       processor, args.min_pixels, args.max_pixels, args.max_prompt_tokens,
-                                      say) if args.eval_every else []  # answered greedily now and then
+                                      say, not args.eval_data) if args.eval_every else []  # answered greedily
     run_folder.start_run(out, dataclasses.asdict(args), world, resume_from)  # all loaded: the run starts here
     live = run_folder.LiveLog(out, args.report_to, dataclasses.asdict(args))  # --report-to: TensorBoard, W&B
     due = {done for done in range(state["step"], steps + 1)

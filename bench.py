@@ -60,6 +60,7 @@ RANGES = [  # this script's own flags, as flags.RANGES (those of FLAGS, and --se
     ("steps", lambda v: v >= 1, ">= 1 (the last is reported)"),
     ("threads", lambda v: v >= 1, ">= 1"),
     ("image_size", lambda v: min(v) >= 1, "two sizes >= 1"),
+    ("target_gib", lambda v: v > 0, "> 0"),
 ]
 
 
@@ -91,7 +92,8 @@ def parse_args(argv=None):
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
-    a.target_gib = a.target_gib or (LORA_TARGET_GIB if a.lora_rank else TARGET_GIB)
+    if a.target_gib is None:
+        a.target_gib = LORA_TARGET_GIB if a.lora_rank else TARGET_GIB
     flags.check_ranges(p, vars(a), RANGES)
     preset = dict(TINY if a.config == "tiny" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})

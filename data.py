@@ -243,11 +243,12 @@ def take_examples(table, n: int, position: int, seed: int, shuffle: bool, usable
 
 
 def held_out_examples(data: str, split: str, columns: tuple, limit: int, processor, min_pixels: int,
-                      max_pixels: int, max_prompt_tokens: int, say=print) -> list:
+                      max_pixels: int, max_prompt_tokens: int, say=print, is_training_data: bool = False) -> list:
     """The problems evaluated during training: the usable rows of `data` in `split`, up to `limit` of them (0: all);
-    [] when there is no such split (a single file has none), or it is empty. `say` tells the log which, and why.
+    [] when there is no such split, or it is empty. A single file has no splits: named as held-out data
+    (--eval-data) all its rows are, while the training file itself gives none. `say` tells the log which, and why.
     Other mistakes (no such data, a missing column) stop the run, as they do for the training data."""
-    if Path(data).suffix in FILE_BUILDERS:
+    if is_training_data and Path(data).suffix in FILE_BUILDERS:
         say(f"no held-out evaluation: {data} has no {split} split (name one with --eval-data)")
         return []
     try:

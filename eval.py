@@ -388,8 +388,8 @@ def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
         table, base, columns = data.load_table(args["data"], args["split"], (args["image_column"],
                                                                            args["problem_column"],
                                                                            args["answer_column"]))
-    except (ValueError, OSError) as err:
-        table, why = None, f"the data is not at hand: {err}"
+    except (SystemExit, ValueError, OSError) as err:  # moved, deleted, the Hub out of reach: a page without images
+        table, why = None, f"the data is not at hand: {err.code if isinstance(err, SystemExit) else err}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
              f"<style>{PAGE_STYLE}</style></head><body><h1>{html.escape(str(run))}</h1>",
              f"<p>{html.escape(args['model'])} on {html.escape(args['data'])}: {len(steps)} of the logged steps "
@@ -403,13 +403,16 @@ def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
     for t in steps:
         parts.append(f'<h2 id="step-{t}">step {t}</h2>')
         for s in (s for s in samples if s["step"] == t):
-            try:
-                if s.get("row") is None:
-                    raise KeyError("samples.jsonl names no data row: a run of an earlier version")
-                example = data.prepare_example(table[s["row"]], columns, base)
-                image = f'<img alt="image" src="{_image_uri(example["images"][0])}">'
-            except (TypeError, KeyError, IndexError, data.BadRow) as err:
-                image = f"<p>no image ({html.escape(why if table is None else str(err.args[0]))})</p>"
+            if table is None:
+                image = f"<p>no image ({html.escape(why)})</p>"
+            elif s.get("row") is None:
+                image = "<p>no image (samples.jsonl names no data row: a run of an earlier version)</p>"
+            else:
+                try:
+                    example = data.prepare_example(table[s["row"]], columns, base)
+                    image = f'<img alt="image" src="{_image_uri(example["images"][0])}">'
+                except (IndexError, data.BadRow, OSError) as err:
+                    image = f"<p>no image ({html.escape(str(err))})</p>"
             rows = []
             for i, text in enumerate(s["responses"]):
                 numbers = [s[k][i] if k in s else None for k in ("rewards", "advantages0", "stcr_multipliers",

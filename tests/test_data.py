@@ -57,6 +57,22 @@ def test_parquet_and_jsonl_with_relative_image_paths(tmp_path, monkeypatch):
         assert examples[0]["images"][0].size == (60, 40)
 
 
+def test_a_single_file_is_held_out_data_only_when_named_so(tmp_path, tiny_model_dir):
+    """A file has no splits: as --eval-data, all its usable rows are evaluated; as the training data, none."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    rows = [{"images": [png_bytes()], "problem": f"<image>Find x{i}.", "answer": str(i)} for i in range(3)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "held_out.parquet"))
+    said = []
+    held_out = data.held_out_examples(str(tmp_path / "held_out.parquet"), "test", data.COLUMNS, 0, processor,
+                                      784, 3136, 1024, said.append)
+    assert [e["answer"] for e in held_out] == ["0", "1", "2"] and said[-1].startswith("held-out evaluation: 3 problems")
+    assert data.held_out_examples(str(tmp_path / "held_out.parquet"), "test", data.COLUMNS, 0, processor, 784, 3136,
+                                  1024, said.append, is_training_data=True) == []
+    assert said[-1] == f"no held-out evaluation: {tmp_path}/held_out.parquet has no test split (name one with --eval-data)"
+
+
 def test_authors_json_format(tmp_path):
     Image.new("RGB", (30, 30), "red").save(tmp_path / "p.jpg")
     message = [{"role": "user", "content": [{"type": "image", "image": "file://p.jpg"},

@@ -133,6 +133,8 @@ def test_eval_temperature_matters_only_with_samples(monkeypatch):
     (["--steps", "0"], "argument --steps: must be >= 1 (the last is reported), got 0"),
     (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
     (["--image-size", "0", "28"], "argument --image-size: must be two sizes >= 1, got (0, 28)"),
+    (["--target-gib", "0"], "argument --target-gib: must be > 0, got 0.0"),
+    (["--target-gib", "-1"], "argument --target-gib: must be > 0, got -1.0"),
     (["--mini-batch-size", "0"], "argument --mini-batch-size: must be >= 1, got 0"),  # training's flags, its ranges
     (["--kl-beta", "-1"], "argument --kl-beta: must be >= 0 (0: no reference model), got -1.0"),
     (["--min-pixels", "4000"], "argument --min-pixels: must be <= --max-pixels (3136), got 4000"),  # tiny's max
@@ -142,8 +144,11 @@ def test_a_bad_flag_of_bench_stops_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.parse_args(["--config", "tiny", "--out", "b.json", *argv])
     assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+def test_each_range_of_bench_names_a_flag_it_has():
     known = vars(bench.parse_args(["--config", "tiny", "--out", "b.json"])[0])
-    assert {name for name, _, _ in bench.RANGES} <= set(known)  # each line names a flag bench.py has
+    assert {name for name, _, _ in bench.RANGES} <= set(known)
 
 
 # ------------------------------------------------------------------------------------------- missing resources

@@ -423,3 +423,12 @@ def test_explain_page_shows_every_logged_group_escaped_and_bounded(tmp_path, toy
         assert page.pre == texts  # every response, in order, as text (cut at 3,000 characters)
         assert len(page.images) == 1 + len(shown) and all(i.startswith("data:image/png;base64,") for i in page.images)
     assert (out / "explain.html").stat().st_size < 400_000
+
+    # the data moved away since the run: the page is still drawn, each group saying why it has no image
+    args = json.loads((out / "args.json").read_text())
+    (out / "args.json").write_text(json.dumps(dict(args, data=str(tmp_path / "moved"))))
+    evaluate.main(["--explain", str(out)])
+    page = Page()
+    page.feed((out / "explain.html").read_text())
+    assert page.groups == len(samples) and len(page.images) == 1  # the curves alone
+    assert (out / "explain.html").read_text().count(f"no image (the data is not at hand: {tmp_path}/moved") == len(samples)
