@@ -206,7 +206,7 @@ def difficulty(correct: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ DADS, §5
 def dads_kl_weights(advantages: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """DADS's KL weight κ of each response (APO_SPEC §3, §5). advantages [B, G] (after STCR), correct [B, G]
-    (bool) -> [B, G]. A positive response gets κ = f(d) of its group's difficulty d = 1 − k/G; every other
+    (bool) -> [B, G]. A positive response gets κ = f(d) of its group's difficulty d (§3); every other
     response gets κ = 1. Easy prompt (d small): κ ≈ 1, the full KL. Hard prompt (d → 1): κ → 0, a rare
     success may move further from the reference. Two choices of the authors, kept:
     - f(0) = f(1) = 1 by definition, where the formula gives 0.93 and 0: a group all right has no rare success
@@ -401,10 +401,9 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
 
     # --- the step's metrics, over all B·G responses: every process's, gathered in prompt order (means of
     # per-process means would be wrong for the conditional ones)
-    per_response = torch.stack([rewards.flatten(), accuracy, fmt, lengths.flatten().float(),
-                                advantages.flatten(), stcr.flatten(), kl_weights.flatten(),
-                                batch["truncated"].float()], 1)
-    r, acc, fmt_all, length, adv, mult, kappa, truncated = parallel.gather(per_response).T  # [W·N] each
+    stacked = torch.stack([rewards.flatten(), accuracy, fmt, lengths.flatten().float(), advantages.flatten(),
+                           stcr.flatten(), kl_weights.flatten(), batch["truncated"].float()], 1)
+    r, acc, fmt_all, length, adv, mult, kappa, truncated = parallel.gather(stacked).T  # [W·N] each
     right, wrong, positive = acc > 0, acc == 0, adv > 0
     metrics = {
         "step": step,
@@ -483,13 +482,14 @@ def train(args: Args) -> Path:
     held_out = data.held_out_examples(args.eval_data or args.data, args.eval_split, columns, args.eval_limit,
                                       processor, args.min_pixels, args.max_pixels, args.max_prompt_tokens,
                                       say, not args.eval_data) if args.eval_every else []  # answered greedily
-    run_folder.start_run(out, dataclasses.asdict(args), world, resume_from)  # all loaded: the run starts here
-    live = run_folder.LiveLog(out, args.report_to, dataclasses.asdict(args))  # --report-to: TensorBoard, W&B
+    config = dataclasses.asdict(args)  # what args.json and every checkpoint record
+    run_folder.start_run(out, config, world, resume_from)  # all loaded: the run starts here
+    live = run_folder.LiveLog(out, args.report_to, config)  # --report-to: TensorBoard, W&B
     due = {done for done in range(state["step"], steps + 1)
            if held_out and (done % args.eval_every == 0 or done == steps)}
     due -= run_folder.logged_steps(out, "eval")  # (a resumed run does not evaluate twice)
     if state["step"] in due:
-        log_evaluation(policy, processor, held_out, args, out, state["step"], live)
+        log_evaluation(policy, processor, held_out, args, out, state["step"], live, say)
     usable = lambda row: data.usable_example(row, columns, base, processor, args.min_pixels,  # noqa: E731
                                              args.max_pixels, args.max_prompt_tokens)
     bar = tqdm(total=steps, initial=state["step"], desc="APO" if args.dads or args.stcr else "GRPO",
@@ -511,13 +511,12 @@ def train(args: Args) -> Path:
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         len=f"{metrics['response_length']:.0f}")
         if step + 1 in due:
-            log_evaluation(policy, processor, held_out, args, out, step + 1, live)
+            log_evaluation(policy, processor, held_out, args, out, step + 1, live, say)
         # checkpoints: every --save-every steps, and before a stop (a signal to any process stops them all)
         name, stop = f"checkpoint-{step + 1:06d}", parallel.total([len(run_folder.STOP)], op="max")[0] > 0
         bad = state["bad_in_a_row"] >= args.max_bad_updates
         if bad or stop or (step + 1) % args.save_every == 0:
-            run_folder.checkpoint(out, name, policy, processor, optimizer, state, dataclasses.asdict(args),
-                                  args.keep_last)
+            run_folder.checkpoint(out, name, policy, processor, optimizer, state, config, args.keep_last)
         if bad or stop:
             live.close()
         if bad:
@@ -529,7 +528,7 @@ def train(args: Args) -> Path:
             return out
     bar.close()
     live.close()
-    run_folder.checkpoint(out, "final", policy, processor, optimizer, state, dataclasses.asdict(args))
+    run_folder.checkpoint(out, "final", policy, processor, optimizer, state, config)
     return out
 
 
@@ -550,17 +549,14 @@ def evaluate(model, processor, examples: list, args: Args) -> dict:
             "truncated_rate": truncated / n, "problems": int(n)}
 
 
-def log_evaluation(policy, processor, held_out: list, args: Args, out: Path, done: int, live=None):
-    """The held-out evaluation after `done` steps, into eval.jsonl (and `live`) and the log."""
-    from tqdm import tqdm
-
+def log_evaluation(policy, processor, held_out: list, args: Args, out: Path, done: int, live, say):
+    """The held-out evaluation after `done` steps: into eval.jsonl and `live`, a line to the log (`say`)."""
     timer = time.perf_counter()
     result = {"step": done, **evaluate(policy, processor, held_out, args)}
     result["seconds"] = time.perf_counter() - timer
     run_folder.append(out, "eval", [result], live)
-    if parallel.is_main():
-        tqdm.write(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format "
-                   f"{result['format_rate']:.3f} ({result['problems']} problems, {result['seconds']:.1f} s)")
+    say(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format {result['format_rate']:.3f} "
+        f"({result['problems']} problems, {result['seconds']:.1f} s)")
 
 
 # ---------------------------------------------------------------------------------------- the command line

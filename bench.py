@@ -6,10 +6,10 @@
     python bench.py --config 3b --dry-run --lora-rank 16 --generation-batch-size 64 --out plan_lora.json  # 24 GB
 
 The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
-downloaded. A step runs the pieces of `apo.train` in the same order with the same defaults (`apo.Args`): rollout,
+downloaded. A step runs the pieces of `apo.apo_step` in the same order with the same defaults (`apo.Args`): rollout,
 rewards, group advantage, STCR, DADS, old and reference log-probs, then `apo.update_policy` (mini- and
-micro-batches, `adamw.AdamW`). Only the rewards are random draws, and every response runs to --max-new-tokens (--no-full-length lets
-EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
+micro-batches, `adamw.AdamW`). Only the rewards are random draws, and every response runs to --max-new-tokens
+(--no-full-length lets EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
 """
 
 import argparse
@@ -127,7 +127,7 @@ def load_config(a, tokenizer) -> Qwen2_5_VLConfig:
 
 
 def synthetic_prompts(processor, n: int, image_size: tuple, s: apo.Args, seed: int) -> dict:
-    """n prompts, each a noise image of image_size pixels and a one-line problem, encoded as apo.train does."""
+    """n prompts, each a noise image of image_size pixels and a one-line problem, encoded as apo.apo_step does."""
     rng = random.Random(seed)
     w, h = image_size
     images = [Image.frombytes("RGB", (w, h), rng.randbytes(w * h * 3)) for _ in range(n)]
@@ -354,7 +354,7 @@ class DecodeClock(BaseStreamer):
 
 # ---------------------------------------------------------------------------------------------------- one step
 def apo_step(model, reference, processor, prompts, optimizer, s: apo.Args, gen_config, meter: Meter) -> dict:
-    """One APO step as apo.train runs it (rollout, advantages, log-probs, update), with random rewards."""
+    """One APO step as apo.apo_step runs it (rollout, advantages, log-probs, update), with random rewards."""
     B, G = s.prompts_per_step, s.group_size
     with meter.phase("rollout"):
         batch = rollout.sample_responses(model, processor, prompts, G, gen_config, s.generation_batch_size)

@@ -5,6 +5,7 @@
     python eval.py --model M --bench mathverse --data path/to/MathVerse            # a local copy, Hub layout or parquet
     python eval.py --model runs/toy/final --baseline toy --data toy --samples 4    # training-format data, pass@4
     python eval.py --plot runs/apo runs/grpo --out curves.png                       # training curves of run folders
+    python eval.py --explain runs/toy                                               # a page of a run's groups
 
 How a benchmark is scored (the authors released no evaluation; the README's "Reproducing Table 1" says why absolute
 numbers differ from official ones): each row becomes images, the problem text, a gold and its kind
@@ -505,7 +506,7 @@ def main(argv=None):
             p.error("with several benchmarks, name each local copy: --data NAME=PATH")
         sources = {benches[0]: sources[""]}
 
-    # The data settings (pixel budget, response length, columns) are training's: apo.Args, with the toy preset
+    # The data settings (pixel budget, response length) are training's: apo.Args, with the toy preset
     # applied for toy data.
     toy = benches == ["toy"]
     cfg = apo.Args(**{**(apo.PRESETS["toy"] if toy else {}), "model": a.model, "data": benches[0], "split": a.split,

@@ -1,6 +1,7 @@
 """Many GPUs for apo.py: data parallel over torch.distributed, launched by torchrun, and FSDP2 (`--fsdp`) for models
-whose weights and Adam moments do not fit one GPU. This file is the whole of that machinery; apo.py meets it only as
-the calls below, each a no-op (or the identity) in a plain `python apo.py` run, where there is no process group.
+whose weights and Adam moments do not fit one GPU. This file is the whole of that machinery; apo.py and run_folder.py
+(loading, checkpoints) meet it only as the calls below, each a no-op (or the identity) in a plain `python apo.py` run,
+where there is no process group.
 
 What is split, and why the result equals one process's (README, "Many GPUs"):
 - prompts: every rank selects the same B rows (bad rows skipped alike), then takes its contiguous block of B/W

@@ -133,6 +133,7 @@ class KeyedSampler(LogitsProcessor):
     Returned as scores that are -inf but for the chosen token, which generate's greedy step then picks."""
 
     def __init__(self, temperature: float, top_p: float, keys: torch.Tensor, seed: tuple, prompt_len: int):
+        """keys [n] int64, on the logits' device (a copy per token would cost a transfer per token)."""
         self.temperature, self.keys, self.seed, self.prompt_len = temperature, keys, seed, prompt_len
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
@@ -142,7 +143,7 @@ class KeyedSampler(LogitsProcessor):
             scores = self.top_p(input_ids, scores)
         cdf = scores.softmax(-1).cumsum(-1)                                        # [n, V], 0 → ~1
         position = input_ids.shape[1] - self.prompt_len                            # tokens generated so far
-        u = keyed_uniforms(self.keys.to(scores.device), *self.seed, position)      # [n] in (0, 1)
+        u = keyed_uniforms(self.keys, *self.seed, position)                        # [n] in (0, 1)
         target = (u * cdf[:, -1].double()).float()[:, None]                        # [n, 1], within the total mass
         # the first token whose CDF exceeds u: P(token v) = π_v; a token of probability 0 is never chosen
         token = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
@@ -177,8 +178,8 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
         rows = list(range(start, min(start + step, n)))
         part = select(batch, rows)
         part = {k: part[k].to(device) for k in MODEL_INPUTS}
-        sampler = LogitsProcessorList([KeyedSampler(gen_config.temperature, gen_config.top_p, keys[rows], seed,
-                                                    prompt_len)] if gen_config.do_sample else [])
+        sampler = LogitsProcessorList([KeyedSampler(gen_config.temperature, gen_config.top_p, keys[rows].to(device),
+                                                    seed, prompt_len)] if gen_config.do_sample else [])
         # synced_gpus off: under FSDP2 transformers would turn it on, making every rank decode as long as the
         # slowest; parallel.full_weights gathers the whole weights first, so no rank needs another during decoding.
         chunks.append(model.generate(**part, generation_config=config, logits_processor=sampler,

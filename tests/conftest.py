@@ -77,6 +77,17 @@ def geo3k_dir(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------ processes
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 900  # a hung process fails its test with its output, instead of hanging the suite
+PAUSED = REPO / "tests" / "paused_run.py"  # apo.py that waits for a signal before a given step
+TIMING_KEYS = {"seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update"}  # metrics.jsonl's
+
+
+def read_jsonl(path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def without_timings(rows: list) -> list:
+    """Log rows without their timings (TIMING_KEYS, and eval.jsonl's "seconds"): the same in two runs that agree."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS | {"seconds"}} for r in rows]
 
 
 class Processes:

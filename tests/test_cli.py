@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 import apo
-from conftest import DEADLINE_S
+from conftest import DEADLINE_S, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["apo.py", "eval.py", "bench.py"]
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 import run_folder
-from conftest import REPO, Processes, wait_for
-from test_train import TIMING_KEYS, read_jsonl, toy_args
+from conftest import PAUSED, REPO, TIMING_KEYS, Processes, read_jsonl, wait_for
+from test_train import toy_args
 
-PAUSED = Path(__file__).resolve().parent / "paused_run.py"
 WANDB_OFFLINE = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_PROJECT="apo-tests")
 
 

@@ -2,7 +2,6 @@
 the log-probs of a separately loaded base model; only the adapters get gradients, the same with and without gradient
 checkpointing, in number r·(in + out) per adapted layer; final/ is peft's own merge, loadable without peft; a resumed
 run ends with the adapters and Adam moments of one never stopped."""
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import adamw
 import apo
 import rollout
 import run_folder
-from test_train import TIMING_KEYS, assert_same_state, read_jsonl, toy_args
+from test_train import assert_same_state, resume_after_step_2, run_logs, toy_args
 
 CPU = torch.device("cpu")
 
@@ -69,8 +68,8 @@ def test_the_reference_is_the_base_model_with_the_adapters_off(tiny_model_dir, b
 
 def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_model_dir, batch):
     """A mini-batch's backward gives gradients to the adapters alone, the same with gradient checkpointing as
-    without, and the frozen vision tower and embeddings are no part of its graph; their number is r·(in + out) per adapted layer of the tiny config, counted here by hand; the clipped
-    norm is theirs; an optimizer step (over the trainable parameters, as apo.train builds it) moves them and leaves
+    without, and the frozen vision tower and embeddings are no part of its graph; their number is r·(in + out)
+    per adapted layer of the tiny config, counted here by hand; the clipped norm is theirs; an optimizer step (over the trainable parameters, as apo.train builds it) moves them and leaves
     every base weight as it was, to the bit."""
     args = apo.parse_args(["--mini-batch-size", "8", "--micro-batch-size", "3", "--kl-beta", "0.1", "--lr", "1e-2"])
     grads = {}
@@ -183,14 +182,10 @@ def test_a_resumed_lora_run_ends_with_the_adapters_and_adam_moments_of_an_uninte
     assert len(uninterrupted[1]) == len(adapters)  # Adam moments for the adapters alone
     assert all(m["step"] == 8 and m["exp_avg_sq"].abs().sum() > 0 for m in uninterrupted[1].values())
 
-    logs = {name: read_jsonl(out / f"{name}.jsonl") for name in ("metrics", "samples")}
-    shutil.rmtree(out / "final")
-    shutil.rmtree(out / "checkpoint-000004")
-    apo.train(apo.parse_args(args + ["--resume"]))
+    logs = run_logs(out)
+    resume_after_step_2(out, args)
     assert_same_state(lora_state(out), uninterrupted)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(logs["metrics"])
-    assert read_jsonl(out / "samples.jsonl") == logs["samples"]
+    assert run_logs(out) == logs
 
 
 def test_the_toy_preset_has_a_lora_learning_rate():

@@ -12,11 +12,9 @@ import adamw
 import apo
 import parallel_worker
 import run_folder
-from conftest import REPO, Processes, wait_for
+from conftest import PAUSED, REPO, Processes, read_jsonl, wait_for, without_timings
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
-PAUSED = Path(__file__).resolve().parent / "paused_run.py"
-TIMING_KEYS = {"seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update", "seconds"}
 
 
 def run_worker(task, model_dir, out, **options):
@@ -108,18 +106,10 @@ def run_args(out, *extra):
             "--eval-every", "2", "--eval-limit", "4", *extra]
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
 def assert_close_rows(got: list, expected: list, rel: float = 1e-4, abs_: float = 1e-6):
     """Row by row, key by key: counts and texts equal, floats within rel (or abs_ near 0)."""
     assert len(got) == len(expected)
-    for a, b in zip(strip(got), strip(expected)):
+    for a, b in zip(without_timings(got), without_timings(expected)):
         assert a.keys() == b.keys()
         for k in a:
             if isinstance(b[k], float):
@@ -165,7 +155,7 @@ def test_a_two_rank_run_equals_one_process_and_resumes_exactly_after_a_signal_to
     Processes([sys.executable, str(REPO / "apo.py"), *run_args(tmp_path / "cut", *steps), "--resume"],
               world=2).finish()
     for name in ("metrics", "eval"):
-        assert strip(read_jsonl(tmp_path / "cut" / f"{name}.jsonl")) == strip(full[name]), name
+        assert without_timings(read_jsonl(tmp_path / "cut" / f"{name}.jsonl")) == without_timings(full[name]), name
     assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == full["samples"]
 
 
@@ -185,7 +175,7 @@ def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_mode
     shutil.rmtree(run / "final")  # as if killed before the end: the resume starts from checkpoint-000001's shards
     shutil.rmtree(run / "checkpoint-000002")
     Processes(command + ["--resume"], world=2).finish()
-    assert strip(read_jsonl(run / "metrics.jsonl")) == strip(first)
+    assert without_timings(read_jsonl(run / "metrics.jsonl")) == without_timings(first)
     again, _ = run_folder.load_model(str(run / "final"), torch.float32, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), final.state_dict().values()))
 

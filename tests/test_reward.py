@@ -3,17 +3,14 @@ import gc
 import json
 import random
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reward import accuracy_reward, extract_answer, format_reward, parse_gold  # noqa: E402
-
-GEO3K = Path(__file__).resolve().parent / "data" / "geo3k_sample"
+import reward
+from conftest import GEO3K_SAMPLE as GEO3K
+from reward import accuracy_reward, extract_answer, format_reward, parse_gold
 
 
 def R(answer: str) -> str:
@@ -227,8 +224,6 @@ def test_signal_state_is_restored():
 
 
 def test_the_budget_cuts_a_check_that_would_run_forever():
-    import reward
-
     def forever():
         while True:
             pass
@@ -242,8 +237,6 @@ def test_the_budget_cuts_a_check_that_would_run_forever():
 def test_a_nested_check_leaves_the_outer_budget_in_force():
     """eval.score reads an uncached gold inside a response's check: the inner call must neither stop the outer
     budget when it ends nor take it over."""
-    import reward
-
     def inner_then_forever():
         assert reward.budgeted(lambda: "inner") == "inner"
         while True:
@@ -258,7 +251,6 @@ def test_threads_busy_beside_a_check_do_not_shorten_its_budget():
     computes beside it; the process's CPU clock (ITIMER_PROF, as before) counted both threads and cut it."""
     import torch
 
-    import reward
     done = threading.Event()
 
     def busy():
@@ -288,7 +280,6 @@ def test_a_garbage_collection_inside_a_check_is_not_charged_to_it():
     fell inside checks, where it was charged to the check's 0.6 s and cut a right answer to 0. No collection may
     run inside a check: a check that allocates enough containers for ~30 automatic collections has none while it
     runs; they come after it, and a caller's collector is left as it was (on, or off)."""
-    import reward
     during = []  # for each collection: whether a check was running
 
     def record(phase, info):
@@ -313,8 +304,6 @@ def test_a_garbage_collection_inside_a_check_is_not_charged_to_it():
 def test_the_budget_is_cpu_time_not_wall_time():
     """Waiting is not working: a check that sleeps (as one does on a loaded machine, waiting for a CPU) twice the
     budget still completes. A wall-clock alarm cut it, turning a right answer into 0 under load."""
-    import reward
-
     def waits():
         time.sleep(2 * reward._BUDGET_S)
         return "done"
@@ -400,7 +389,6 @@ def test_model_output_is_never_run_as_code(tmp_path):
 def test_gold_parse_is_not_cut_by_the_response_budget(monkeypatch):
     """A gold is parsed with its own, larger budget: a slow first parse (a cold machine) must not turn into
     'unparseable gold' or silently zero the accuracy of every response to the prompt."""
-    import reward
     real = reward.math_value
 
     def slow(text):

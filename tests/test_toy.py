@@ -112,12 +112,12 @@ def test_a_short_apo_run_with_the_toy_preset_learns_what_the_reward_asks_for(tmp
     policy is the reference, so the KL term and its gradient are 0 and κ changes nothing; STCR's 1 + w is within
     1e-4 of 1 on these 20-token answers); from the second update on, DADS's κ moves APO elsewhere."""
     train, test = toy.toy_rows("train", seed=0), toy.toy_rows("test", seed=0)
-    data = tmp_path / "green.parquet"
-    toy.toy_dataset("train").select([i for i, r in enumerate(train) if r["answer"] == "B"][:16]).to_parquet(str(data))
+    green = tmp_path / "green.parquet"
+    toy.toy_dataset("train").select([i for i, r in enumerate(train) if r["answer"] == "B"][:16]).to_parquet(str(green))
     held_out = [r for r in test if r["answer"] == "B"][:16]
     start = answer_margin(*starting_model, held_out)
     run = lambda out, steps, *extra: apo.train(apo.parse_args([  # noqa: E731
-        "--preset", "toy", "--data", str(data), "--out", str(tmp_path / out), "--steps", str(steps),
+        "--preset", "toy", "--data", str(green), "--out", str(tmp_path / out), "--steps", str(steps),
         "--save-every", "1000", "--eval-every", "0", *extra]))
     out = run("apo", 20)
     after = answer_margin(*run_folder.load_model(str(out / "final"), torch.float32, torch.device("cpu")), held_out)

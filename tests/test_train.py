@@ -13,20 +13,14 @@ import data
 import rollout
 import run_folder
 import toy
-from conftest import REPO, Processes, png_bytes, wait_for, write_hub_layout
-
-PAUSED = Path(__file__).resolve().parent / "paused_run.py"
-TIMING_KEYS = {"seconds_rollout", "seconds_reward", "seconds_logprobs", "seconds_update"}
+from conftest import (PAUSED, REPO, TIMING_KEYS, Processes, png_bytes, read_jsonl, wait_for, without_timings,
+                      write_hub_layout)
 
 
 def tiny_args(model_dir, data_dir, out, *extra):
     return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), "--device", "cpu",
             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--mini-batch-size", "4",
             "--micro-batch-size", "3", "--max-pixels", "3136", "--lr", "1e-3", "--log-samples", "1", *extra]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +186,20 @@ def assert_same_state(a: tuple, b: tuple):
     assert torch.equal(rounding_a, rounding_b)
 
 
+def run_logs(out: Path) -> dict:
+    """What two runs that agree write alike: metrics.jsonl (timings aside) and samples.jsonl."""
+    return {"metrics": without_timings(read_jsonl(out / "metrics.jsonl")), "samples": read_jsonl(out / "samples.jsonl")}
+
+
+def resume_after_step_2(out: Path, args: list):
+    """The 4-step run `args` in `out` (checkpoints every 2) as if killed after step 2, then resumed: final/ and
+    checkpoint-000004 removed, the same command again with --resume."""
+    import shutil
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-000004")
+    apo.train(apo.parse_args(args + ["--resume"]))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupted_one(toy_dir, tmp_path, dtype):
     """4 steps, checkpoints every 2. Resumed from checkpoint-000002 (final/ and checkpoint-000004 removed, as if
@@ -201,21 +209,16 @@ def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupte
     args = toy_args(toy_dir, tmp_path / "run", "--steps", "4", "--save-every", "2", "--dtype", dtype)
     out = apo.train(apo.parse_args(args))
     uninterrupted = final_state(out)
-    logs = {name: read_jsonl(out / f"{name}.jsonl") for name in ("metrics", "samples")}
+    logs = run_logs(out)
     start, _ = run_folder.load_model("toy", getattr(torch, dtype), torch.device("cpu"))
     end, _ = run_folder.load_model(str(out / "final"), getattr(torch, dtype), torch.device("cpu"))
     moved = [n for (n, a), b in zip(start.named_parameters(), end.parameters()) if not torch.equal(a, b)]
     assert len(moved) > 0.9 * len(list(start.parameters()))  # the weights moved, and the moments are not zero
     assert all(m["exp_avg"].abs().sum() > 0 for m in uninterrupted[1].values())
 
-    import shutil
-    shutil.rmtree(out / "final")
-    shutil.rmtree(out / "checkpoint-000004")
-    apo.train(apo.parse_args(args + ["--resume"]))
+    resume_after_step_2(out, args)
     assert_same_state(final_state(out), uninterrupted)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(logs["metrics"])
-    assert read_jsonl(out / "samples.jsonl") == logs["samples"]
+    assert run_logs(out) == logs
 
 
 def test_sigint_then_resume_reproduces_an_uninterrupted_run(toy_dir, tmp_path):
@@ -236,9 +239,7 @@ def test_sigint_then_resume_reproduces_an_uninterrupted_run(toy_dir, tmp_path):
 
     Processes([sys.executable, str(REPO / "apo.py"), *toy_args(toy_dir, tmp_path / "cut", *steps),
                "--resume"]).finish()
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
-    assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == read_jsonl(full / "samples.jsonl")
+    assert run_logs(tmp_path / "cut") == run_logs(full)
     assert_same_state(final_state(tmp_path / "cut"), final_state(full))
 
 
