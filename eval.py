@@ -26,19 +26,15 @@ the problem, then "think in <think>, answer in <answer>"); `score` checks the fi
 import argparse
 import ast
 import dataclasses
-import html
 import json
 import re
 from pathlib import Path
 
 import torch
 
-import apo
-import data
-import flags
 import reward
 import rollout
-import run_folder
+from plumbing import data, flags, models, parallel, pictures
 
 MMMU_SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
@@ -141,10 +137,10 @@ def benchmark_example(name: str, row: dict) -> dict:
 
 
 def training_example(row: dict, columns: tuple, base) -> dict:
-    """A row of training-format data (geometry3k, toy, a file): the kind is the training reward's reading."""
-    example = data.prepare_example(row, columns, base)
-    return {**example, "kind": reward.parse_gold(example["answer"]).kind, "choices": None, "precision": None,
-            "unit": None, "groups": {}}
+    """A row of training-format data (geometry3k, toy, a file), which `score` checks as the training reward does (no
+    kind of its own)."""
+    return {**data.prepare_example(row, columns, base), "choices": None, "precision": None, "unit": None,
+            "groups": {}}
 
 
 def load_examples(name: str, source: str, split: str = "test", limit: int = 0) -> tuple:
@@ -201,14 +197,14 @@ def _is_right(example: dict, response: str) -> bool:
     if not answer:
         return False
     golds = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
-    if example["kind"] == "letter":
+    if example.get("kind") == "letter":
         options, right, letter = example["choices"] or [], ord(golds[0]) - 65, reward.letter_of(answer)
         if letter:  # right also when its option repeats the right one's text (MathVista pid 781: 9, 12, 18, 18)
             i = ord(letter) - 65
             return i == right or max(i, right) < len(options) and \
                 reward.plain_text(options[i]) == reward.plain_text(options[right])
         return right in _chosen(answer, options)
-    if example["kind"] == "number":  # units ignored: math-verify drops the ones it knows, and here what follows
+    if example.get("kind") == "number":  # units ignored: math-verify drops the ones it knows, and here what follows
         for text in (answer, re.sub(r"(?<=[\d}])\s*[^\d\s{}][^\d{}]*$", "", answer)):  # the number ("1.25 J")
             value = reward.math_value(text)
             if getattr(value, "rel_op", None) == "==":  # "W = 1.2": the value its right side gives, as in training
@@ -217,10 +213,10 @@ def _is_right(example: dict, response: str) -> bool:
                 digits = example["precision"] or 0
                 return round(float(value), digits) == round(float(golds[0]), digits)
         return False
-    for gold in golds:  # math and text
+    for gold in golds:  # math, text, and training-format data (no kind: the training reward itself)
         parsed = reward.parse_gold(gold)
         if parsed is not None and reward.is_correct(response, parsed) or \
-                example["kind"] == "math" and reward.plain_text(answer) == reward.plain_text(gold):
+                example.get("kind") == "math" and reward.plain_text(answer) == reward.plain_text(gold):
             return True
     return False
 
@@ -232,18 +228,23 @@ def score(example: dict, response: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate
-def evaluate(model, processor, examples: list, cfg: apo.Args, samples: int, batch_size: int, progress: str) -> list:
-    """One record per example: the greedy response, its score, format and length; with samples, their scores."""
+def evaluate(model, processor, examples: list, cfg, samples: int = 0, batch_size: int = 16,
+             progress: str = "") -> list:
+    """One record per example: the greedy response (the training prompt; `cfg`: apo.Args for the token limit and
+    the pixel budget), its score, format and length; with `samples`, the scores of that many sampled responses.
+    Training's held-out evaluations and eval.py both answer through here."""
     greedy = rollout.generation_config(processor, cfg.max_new_tokens, 1.0, 1.0, do_sample=False)
-    answers = rollout.answer(model, processor, examples, greedy, batch_size, cfg.min_pixels, cfg.max_pixels,
-                             progress=progress)
-    drawn = rollout.answer(model, processor, examples, rollout.generation_config(
-        processor, cfg.max_new_tokens, cfg.temperature, cfg.top_p), batch_size, cfg.min_pixels, cfg.max_pixels,
-        samples, progress=f"{progress} samples", seed=cfg.seed) if samples else [None] * len(examples)
+    with parallel.full_weights(model):  # --fsdp: the whole weights on every process
+        answers = rollout.answer(model, processor, examples, greedy, batch_size, cfg.min_pixels, cfg.max_pixels,
+                                 progress=progress)
+        drawn = rollout.answer(model, processor, examples, rollout.generation_config(
+            processor, cfg.max_new_tokens, cfg.temperature, cfg.top_p), batch_size, cfg.min_pixels,
+            cfg.max_pixels, samples, progress=f"{progress} samples", seed=cfg.seed) if samples else [None] * len(
+            examples)
     records = []
     for e, a, d in zip(examples, answers, drawn):
         text = a["texts"][0]
-        record = {"problem": e["problem"], "answer": e["answer"], "kind": e["kind"], "groups": e["groups"],
+        record = {"problem": e["problem"], "answer": e["answer"], "kind": e.get("kind"), "groups": e.get("groups", {}),
                   "response": text, "correct": score(e, text) > 0, "format": reward.format_reward(text) > 0,
                   "length": a["lengths"][0], "truncated": a["truncated"][0]}
         if d is not None:
@@ -337,102 +338,6 @@ def bar_chart(results: dict, benches: list, path: Path):
     plt.close(fig)
 
 
-# -------------------------------------------------------------------------------------------- a run, explained
-PAGE_STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222}
-nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #ddd}
-section.group{border:1px solid #ccc;border-radius:6px;margin:1em 0;padding:.8em;display:grid;
-grid-template-columns:240px 1fr;gap:1em}
-.group img{max-width:240px;border:1px solid #eee}.problem{white-space:pre-wrap}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #eee;padding:.25em .4em;
-vertical-align:top;text-align:right;white-space:nowrap}td.text{text-align:left;width:60%;white-space:normal}
-tr.right{background:#e8f6e8}tr.wrong{background:#fbeaea}
-pre{white-space:pre-wrap;margin:.2em 0;font-size:12px}.answer{font-weight:600}"""
-
-
-def _image_uri(image, size: int = 240) -> str:
-    """A PIL image as an inline data: URI (PNG, at most `size` px a side): the page needs no other file."""
-    import base64
-    import io
-
-    image = image.copy()
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _response_cells(text: str, limit: int) -> str:
-    """A response as the page shows it: its answer, then the whole text (the thinking included) folded away,
-    cut at `limit` characters; every character escaped, so that no response can break the page."""
-    answer = reward.extract_answer(text)
-    shown = text if len(text) <= limit else text[:limit] + f" … ({len(text) - limit} more characters)"
-    head = f'<div class="answer">answer: {html.escape(answer)}</div>' if answer else "<div>no answer</div>"
-    return f"{head}<details><summary>response</summary><pre>{html.escape(shown)}</pre></details>"
-
-
-def explain(run: Path, max_steps: int = 30, max_chars: int = 3000) -> Path:
-    """RUN/explain.html: the curves of a run folder, then each logged group of (at most `max_steps`, evenly
-    spread, first and last included) logged steps: its image, problem, gold and difficulty, and its G responses
-    with reward, Â⁰, 1 + w, Â, κ and length, green when right, red when wrong. Self-contained (images inline,
-    one line of script for the step selector, which also works as plain links)."""
-    import base64
-    import tempfile
-
-    args = json.loads((run / "args.json").read_text())
-    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    steps = sorted({s["step"] for s in samples})
-    if len(steps) > max_steps:  # evenly spread over the run
-        steps = sorted({steps[round(i * (len(steps) - 1) / (max_steps - 1))] for i in range(max_steps)})
-    with tempfile.TemporaryDirectory() as tmp:
-        curves = base64.b64encode(run_folder.plot_curves([run], Path(tmp) / "c.png").read_bytes()).decode()
-    try:  # the images come from the training data, by row
-        table, base, columns = data.load_table(args["data"], args["split"], (args["image_column"],
-                                                                           args["problem_column"],
-                                                                           args["answer_column"]))
-    except (SystemExit, ValueError, OSError) as err:  # moved, deleted, the Hub out of reach: a page without images
-        table, why = None, f"the data is not at hand: {err.code if isinstance(err, SystemExit) else err}"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
-             f"<style>{PAGE_STYLE}</style></head><body><h1>{html.escape(str(run))}</h1>",
-             f"<p>{html.escape(args['model'])} on {html.escape(args['data'])}: {len(steps)} of the logged steps "
-             f"shown (<code>--explain-steps</code>). Green: a right answer, red: a wrong one. Â⁰: the group "
-             f"advantage; 1 + w: STCR's multiplier (wrong answers longer than the right ones); Â = (1 + w)·Â⁰; κ: "
-             f"DADS's KL weight (positives of hard groups).</p>",
-             "<nav>step <select onchange=\"location.hash=this.value\">" +
-             "".join(f'<option value="step-{t}">{t}</option>' for t in steps) + "</select> " +
-             " ".join(f'<a href="#step-{t}">{t}</a>' for t in steps) + "</nav>",
-             f'<img alt="curves" src="data:image/png;base64,{curves}" style="max-width:100%">']
-    for t in steps:
-        parts.append(f'<h2 id="step-{t}">step {t}</h2>')
-        for s in (s for s in samples if s["step"] == t):
-            if table is None:
-                image = f"<p>no image ({html.escape(why)})</p>"
-            elif s.get("row") is None:
-                image = "<p>no image (samples.jsonl names no data row: a run of an earlier version)</p>"
-            else:
-                try:
-                    example = data.prepare_example(table[s["row"]], columns, base)
-                    image = f'<img alt="image" src="{_image_uri(example["images"][0])}">'
-                except (IndexError, data.BadRow, OSError) as err:
-                    image = f"<p>no image ({html.escape(str(err))})</p>"
-            rows = []
-            for i, text in enumerate(s["responses"]):
-                numbers = [s[k][i] if k in s else None for k in ("rewards", "advantages0", "stcr_multipliers",
-                                                                  "advantages", "kl_weights", "lengths")]
-                cells = "".join("<td>-</td>" if v is None else f"<td>{v:.6g}</td>" for v in numbers)
-                right = s["correct"][i] if "correct" in s else None  # (not logged by earlier versions)
-                colour = {True: "right", False: "wrong", None: "unknown"}[right]
-                rows.append(f'<tr class="{colour}"><td>{i}</td>{cells}'
-                            f'<td class="text">{_response_cells(text, max_chars)}</td></tr>')
-            parts.append(f'<section class="group"><div>{image}</div><div><div class="problem">'
-                         f'{html.escape(s["problem"])}</div><p>gold: <b>{html.escape(str(s["answer"]))}</b>, '
-                         f'difficulty d = {s.get("difficulty", float("nan")):.3f}</p><table><tr><th>#</th>'
-                         "<th>reward</th><th>Â⁰</th><th>1 + w</th><th>Â</th><th>κ</th><th>tokens</th>"
-                         f'<th>response</th></tr>{"".join(rows)}</table></div></section>')
-    path = run / "explain.html"
-    path.write_text("\n".join(parts) + "\n</body></html>\n")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------------- main
 RANGES = [  # this script's own flags, as flags.RANGES (--device, --dtype, --seed and --temperature: as training's)
     ("samples", lambda v: v >= 0, ">= 0 (0: none)"),
@@ -479,7 +384,7 @@ def main(argv=None):
     if a.baseline == a.model:
         p.error("--baseline names the model itself")
     if a.explain:
-        print(f"wrote {explain(Path(a.explain), a.explain_steps)}")
+        print(f"wrote {pictures.explain(Path(a.explain), a.explain_steps)}")
         return
     if a.plot:
         for run in a.plot:
@@ -487,7 +392,7 @@ def main(argv=None):
                 raise SystemExit(f"--plot {run}: not a run folder (no metrics.jsonl in it)")
         out = Path(a.out or "curves.png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        run_folder.plot_curves(a.plot, out)
+        pictures.plot_curves(a.plot, out)
         print(f"wrote {out}")
         return
 
@@ -507,22 +412,24 @@ def main(argv=None):
         sources = {benches[0]: sources[""]}
 
     # The data settings (pixel budget, response length) are training's: apo.Args, with the toy preset
-    # applied for toy data.
+    # applied for toy data. (Imported here: apo.py imports this file for its held-out evaluations.)
+    import apo
+
     toy = benches == ["toy"]
     cfg = apo.Args(**{**(apo.PRESETS["toy"] if toy else {}), "model": a.model, "data": benches[0], "split": a.split,
                       "seed": a.seed, "device": a.device, "dtype": a.dtype, "temperature": a.temperature})
     cfg.max_pixels = a.max_pixels or cfg.max_pixels
     tokens = {b: a.max_new_tokens or (2048 if b in PAPER else cfg.max_new_tokens) for b in benches}
-    models = [a.model] + ([a.baseline] if a.baseline else [])
-    for name in [m for m in models if m != "toy"]:  # one not found stops now, not after the first one's answers
-        run_folder.model_config(name, cfg.trust_remote_code)
-    device, dtype = run_folder.resolve_device(cfg.device, cfg.dtype, cfg.model, cfg.data)
+    names = [a.model] + ([a.baseline] if a.baseline else [])
+    for name in [m for m in names if m != "toy"]:  # one not found stops now, not after the first one's answers
+        models.model_config(name, cfg.trust_remote_code)
+    device, dtype = models.resolve_device(cfg.device, cfg.dtype, cfg.model, cfg.data)
     examples = {b: load_examples(b, sources.get(b, ""), a.split, a.limit) for b in benches}
 
     results, responses = {}, {}
-    for name in models:
+    for name in names:
         torch.manual_seed(a.seed)
-        model, processor = run_folder.load_model(name, dtype, device, cfg.trust_remote_code)
+        model, processor = models.load_model(name, dtype, device, cfg.trust_remote_code)
         results[name], responses[name] = {}, {}
         for b in benches:
             records = evaluate(model, processor, examples[b][0], dataclasses.replace(cfg, max_new_tokens=tokens[b]),

@@ -51,7 +51,7 @@ def png_bytes(color="white", size=(56, 56), image=None) -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    import toy
+    from plumbing import toy
     return toy.build_model_folder(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
@@ -60,7 +60,7 @@ def toy_dir(tmp_path_factory) -> Path:
     """The toy task in the Hub layout, small: 64 training images, 16 held-out ones. Runs on it use the toy's
     starting model (`--model toy`), which writes the format and guesses letters: rewards differ within groups, so
     every update moves the weights (a random model earns nothing, and nothing would move)."""
-    import toy
+    from plumbing import toy
     toy.starting_model()  # built once, before any run (or two processes at once) needs it
     rows = lambda split, n: [dict(r, images=[{"bytes": png_bytes(image=r["images"][0]), "path": None}], id=i)  # noqa
                              for i, r in enumerate(toy.toy_rows(split, seed=0)[:n])]
@@ -72,6 +72,42 @@ def toy_dir(tmp_path_factory) -> Path:
 def geo3k_dir(tmp_path_factory) -> Path:
     rows = geo3k_rows()
     return write_hub_layout(tmp_path_factory.mktemp("geo3k") / "geometry3k", {"train": rows[:8], "test": rows[8:]})
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+class KeepGradients:
+    """An optimizer for apo.update_policy that takes no step: at each step it keeps a copy of the gradients."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.param_groups = [{"params": self.params, "lr": 0.0}]
+        self.grads = []
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
+
+
+def minibatch_gradients(model, batch: dict, rows: list, args) -> dict:
+    """The gradient of the APO loss over the responses `rows` of a rollout batch, as apo.update_policy computes it
+    for one mini-batch (its micro-batches and normalizers; on many processes, `rows` are this one's share), left in
+    the parameters' .grad (unclipped, no optimizer step). Returns the update's stats."""
+    import dataclasses
+    import math
+
+    import apo
+    import rollout
+    from plumbing import parallel
+
+    keep = KeepGradients(model.parameters())
+    settings = dataclasses.replace(args, mini_batch_size=len(rows) * parallel.world(), grad_clip=math.inf)
+    stats = apo.update_policy(model, rollout.select(batch, rows), keep, settings, [0.0])
+    for p, grad in zip(keep.params, keep.grads[0]):
+        p.grad = grad
+    return {k: v for k, v in stats.items() if k not in ("finite", "grad_norm")}
 
 
 # ------------------------------------------------------------------------------------------------ processes

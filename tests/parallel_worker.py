@@ -16,10 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import apo  # noqa: E402
-import parallel  # noqa: E402
+from plumbing import parallel  # noqa: E402
 import rollout  # noqa: E402
-import run_folder  # noqa: E402
-from adamw import AdamW  # noqa: E402
+from plumbing import run_folder  # noqa: E402
+from plumbing import models
+from plumbing.adamw import AdamW  # noqa: E402
+from conftest import minibatch_gradients  # noqa: E402
 
 # Responses of different lengths (so ranks hold different token counts): 8 responses, 2 prompts × 4.
 LENGTHS = [6, 2, 5, 1, 3, 6, 4, 2]
@@ -64,7 +66,7 @@ def main():
     rank, world, _ = parallel.init("cpu")
     torch.set_num_threads(1)
     dtype = torch.bfloat16 if options.get("bf16") else torch.float32
-    model, processor = run_folder.load_model(model_dir, dtype, torch.device("cpu"))
+    model, processor = models.load_model(model_dir, dtype, torch.device("cpu"))
     if options.get("checkpointing"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = make_batch(model, processor)
@@ -73,7 +75,7 @@ def main():
     mine = parallel.share(list(range(8)))  # this rank's share of the one mini-batch of 8 responses
 
     if task == "gradients":  # the gradient of a mini-batch split over the ranks
-        stats = apo.minibatch_gradients(model, batch, mine, args)
+        stats = minibatch_gradients(model, batch, mine, args)
         torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "stats": stats},
                    out / f"gradients-{rank}.pt")
     elif task == "updates":  # optimizer steps, the rows of each mini-batch split over the ranks

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rollout  # noqa: E402
-import run_folder  # noqa: E402
+from plumbing import run_folder  # noqa: E402
 
 step, rank, marker = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 sys.argv = sys.argv[4:]

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from adamw import AdamW
 from apo import (apo_loss, cosine_schedule, dads_kl_weights, grpo_advantages, k3_kl, parse_args, policy_loss,
                  stcr_multiplier)
 
@@ -112,16 +111,16 @@ def test_policy_loss_clipping_by_hand():
     mask = torch.ones(1, 4)
     # Â = +1: per token −min(ρ, clip(ρ)) = −1.2, −1.1, −0.5, −0.9 -> mean −0.925. The clip binds only at ρ = 1.5
     # (ρ = 0.5 is clipped to 0.8, but min(0.5, 0.8) keeps 0.5, the pessimistic choice): clip fraction 1/4
-    loss, clip_fraction = policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, "token", **whole(mask))
+    loss, clip_fraction = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_eps=0.2, agg="token", **whole(mask))
     assert loss.item() == pytest.approx(-0.925, abs=1e-6)
     assert clip_fraction.item() == pytest.approx(0.25)
     # Â = −1: −min(−ρ, −clip(ρ)) = max(ρ, clip(ρ)) = 1.5, 1.1, 0.8, 0.9 -> mean 1.075; the clip binds at ρ = 0.5
-    loss, clip_fraction = policy_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, "token", **whole(mask))
+    loss, clip_fraction = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_eps=0.2, agg="token", **whole(mask))
     assert loss.item() == pytest.approx(1.075, abs=1e-6)
     assert clip_fraction.item() == pytest.approx(0.25)
     # the gradient flows only through unclipped tokens: d loss / d ℓ_t = −ρ_t Â / 4 there, 0 where the clip binds
     logp.requires_grad_(True)
-    policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, "token", **whole(mask))[0].backward()
+    policy_loss(logp, old, torch.tensor([1.0]), mask, clip_eps=0.2, agg="token", **whole(mask))[0].backward()
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.1 / 4, -0.5 / 4, -0.9 / 4]]), atol=1e-6)
 
 
@@ -131,12 +130,12 @@ def test_policy_loss_aggregations_and_padding():
     adv = torch.tensor([1.0, -2.0])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     # ratio 1 everywhere: per-token loss −Â. token mean: (−1·3 + 2·1) / 4 = −0.25; sequence mean: (−1 + 2) / 2 = 0.5
-    assert policy_loss(logp, old, adv, mask, 0.2, "token", **whole(mask))[0].item() == pytest.approx(-0.25)
-    assert policy_loss(logp, old, adv, mask, 0.2, "sequence", **whole(mask))[0].item() == pytest.approx(0.5)
+    assert policy_loss(logp, old, adv, mask, clip_eps=0.2, agg="token", **whole(mask))[0].item() == pytest.approx(-0.25)
+    assert policy_loss(logp, old, adv, mask, clip_eps=0.2, agg="sequence", **whole(mask))[0].item() == pytest.approx(0.5)
     # padded positions can hold anything: they do not count
     garbage = logp.clone()
     garbage[1, 1:] = 50.0
-    assert policy_loss(garbage, old, adv, mask, 0.2, "token", **whole(mask))[0].item() == pytest.approx(-0.25)
+    assert policy_loss(garbage, old, adv, mask, clip_eps=0.2, agg="token", **whole(mask))[0].item() == pytest.approx(-0.25)
 
 
 @pytest.mark.parametrize("agg", ["token", "sequence"])
@@ -146,9 +145,11 @@ def test_micro_batches_sum_to_the_mini_batch_loss(agg):
     logp, old, ref = (torch.randn(n, T, generator=g) * 0.1 - 1 for _ in range(3))
     adv, kappa = torch.randn(n, generator=g), torch.rand(n, generator=g)
     mask = (torch.arange(T)[None] < torch.tensor([5, 1, 3, 4, 2, 5])[:, None]).long()
-    at_once, _ = apo_loss(logp, old, ref, adv, kappa, mask, 0.1, 0.2, agg, **whole(mask))
-    parts = sum(apo_loss(logp[s], old[s], ref[s], adv[s], kappa[s], mask[s], 0.1, 0.2, agg,
-                         token_total=mask.sum().item(), seq_total=n)[0] for s in (slice(0, 2), slice(2, 3), slice(3, 6)))
+    at_once, _ = apo_loss(logp=logp, old_logp=old, ref_logp=ref, advantages=adv, kl_weights=kappa, mask=mask,
+                          kl_beta=0.1, clip_eps=0.2, agg=agg, **whole(mask))
+    parts = sum(apo_loss(logp=logp[s], old_logp=old[s], ref_logp=ref[s], advantages=adv[s], kl_weights=kappa[s],
+                         mask=mask[s], kl_beta=0.1, clip_eps=0.2, agg=agg, token_total=mask.sum().item(),
+                         seq_total=n)[0] for s in (slice(0, 2), slice(2, 3), slice(3, 6)))
     assert parts.item() == pytest.approx(at_once.item(), abs=1e-6)
 
 
@@ -163,7 +164,8 @@ def test_grpo_baseline_loss_matches_an_independent_computation():
     old = logp + 0.3 * torch.randn(B * G, T, generator=g)
     ref = logp + 0.3 * torch.randn(B * G, T, generator=g)
     adv = grpo_advantages(rewards).flatten()
-    loss, _ = apo_loss(logp, old, ref, adv, torch.ones(B * G), mask, beta, eps, "token", **whole(mask))
+    loss, _ = apo_loss(logp=logp, old_logp=old, ref_logp=ref, advantages=adv, kl_weights=torch.ones(B * G),
+                       mask=mask, kl_beta=beta, clip_eps=eps, agg="token", **whole(mask))
 
     pg_terms, kls = [], []
     for i in range(B * G):
@@ -187,16 +189,19 @@ def test_dads_weights_scale_only_the_kl_term():
     mask, adv = torch.ones(2, 3), torch.tensor([1.0, -1.0])
     kl_token = math.exp(-0.5) + 0.5 - 1
     for kappa in ([1.0, 1.0], [0.25, 1.0]):
-        loss, stats = apo_loss(logp, old, ref, adv, torch.tensor(kappa), mask, 1.0, 0.2, "token", **whole(mask))
-        assert stats["kl_loss"].item() == pytest.approx(kl_token * sum(kappa) / 2, abs=1e-6)
-        assert stats["kl"].item() == pytest.approx(kl_token, abs=1e-6)  # the logged KL is unweighted
-        assert stats["pg_loss"].item() == pytest.approx(0.0, abs=1e-7)
+        loss, stats = apo_loss(logp=logp, old_logp=old, ref_logp=ref, advantages=adv, kl_weights=torch.tensor(kappa),
+                               mask=mask, kl_beta=1.0, clip_eps=0.2, agg="token", **whole(mask))
+        assert stats["kl_loss"] == pytest.approx(kl_token * sum(kappa) / 2, abs=1e-6)
+        assert stats["kl"] == pytest.approx(kl_token, abs=1e-6)  # the logged KL is unweighted
+        assert stats["pg_loss"] == pytest.approx(0.0, abs=1e-7)
+        assert stats["loss"] == pytest.approx(loss.item())
 
 
 def test_gradient_of_kl_pulls_toward_reference():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    loss, _ = apo_loss(logp, logp.detach(), torch.tensor([[-1.5, -1.5]]), torch.zeros(1), torch.ones(1),
-                       torch.ones(1, 2), 1.0, 0.2, "token", token_total=2, seq_total=1)
+    loss, _ = apo_loss(logp=logp, old_logp=None, ref_logp=torch.tensor([[-1.5, -1.5]]), advantages=torch.zeros(1),
+                       kl_weights=torch.ones(1), mask=torch.ones(1, 2), kl_beta=1.0, clip_eps=0.2, agg="token",
+                       token_total=2, seq_total=1)
     loss.backward()
     # d/dℓ_θ [e^(ℓ_ref−ℓ_θ) − (ℓ_ref−ℓ_θ) − 1] = 1 − e^(ℓ_ref−ℓ_θ), halved by the mean over 2 tokens
     expected = [(1 - math.exp(-0.5)) / 2, (1 - math.exp(0.5)) / 2]
@@ -212,20 +217,6 @@ def test_cosine_schedule():
     assert values[3 + 97 // 2] == pytest.approx((lr + min_lr) / 2, rel=0.02)  # halfway: the midpoint
     assert values[100] == pytest.approx(min_lr)
     assert all(a >= b for a, b in zip(values[3:], values[4:]))
-
-
-def test_adamw_matches_torch_on_fp32():
-    torch.manual_seed(0)
-    w1 = torch.nn.Parameter(torch.randn(20, 7))
-    w2 = torch.nn.Parameter(w1.detach().clone())
-    ours = AdamW([w1], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    ref = torch.optim.AdamW([w2], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for _ in range(5):
-        grad = torch.randn(20, 7)
-        w1.grad, w2.grad = grad.clone(), grad.clone()
-        ours.step()
-        ref.step()
-    assert torch.allclose(w1, w2, atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------- flags

@@ -10,7 +10,7 @@ import pytest
 import apo
 from conftest import DEADLINE_S, REPO
 
-SCRIPTS = ["apo.py", "eval.py", "bench.py"]
+SCRIPTS = ["apo.py", "eval.py", "tools/bench.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -25,28 +25,39 @@ def test_help_works_and_lists_every_flag(script):
         assert "trades ~30% compute" in " ".join(result.stdout.split())
 
 
-def project_imports(path: Path) -> set:
-    """The project modules a file imports, at its top or inside a function."""
-    modules = {p.stem for p in REPO.glob("*.py")}
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)  # plumbing/data.py -> plumbing.data
+
+
+SOURCES = [*REPO.glob("*.py"), *REPO.glob("plumbing/*.py"), *REPO.glob("tools/*.py")]
+
+
+def project_imports(path: Path, top_level_only: bool = True) -> set:
+    """The project modules a file imports: at its top (and in functions, unless `top_level_only`)."""
+    modules = {module_name(p) for p in SOURCES}
+    tree = ast.parse(path.read_text())
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in (tree.body if top_level_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module.split(".")[0])
-    return found & modules - {path.stem}
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found & modules - {module_name(path), "plumbing.__init__"}
 
 
 def test_the_modules_import_each_other_in_one_direction():
-    """reward and rollout stand alone, the plumbing (data, run_folder, adamw, parallel) too, apo builds on them,
-    eval and bench on apo: no cycle, so each file can be read (and imported) without the ones above it."""
-    graph = {p.stem: project_imports(p) for p in REPO.glob("*.py")}
+    """reward and rollout stand alone, the plumbing too, apo builds on them and on eval (its held-out
+    evaluations), tools/ on apo: no cycle among the imports at the top of the files, so each file can be read
+    (and imported) without the ones above it. The one import the other way is eval.py's command line, which
+    takes training's defaults from apo.Args."""
+    graph = {module_name(p): project_imports(p) for p in SOURCES}
     order, done = [], set()
     while len(done) < len(graph):
         ready = sorted(m for m in graph if m not in done and graph[m] <= done)
         assert ready, f"an import cycle among {sorted(set(graph) - done)}: {graph}"
         order += ready
         done |= set(ready)
-    assert graph["reward"] == set() and "eval" not in graph["apo"]
-    # the plumbing stands without the method: apo.py imports it, never the other way
-    assert all("apo" not in graph[m] for m in ("data", "run_folder", "adamw", "rollout", "parallel", "flags"))
+    assert graph["reward"] == set() and "eval" in graph["apo"] and "apo" not in graph["eval"]
+    # the plumbing stands without the method: apo.py imports it, never the other way, not even in a function
+    plumbing = [p for p in SOURCES if p.parent.name == "plumbing"]
+    assert all("apo" not in project_imports(p, top_level_only=False) for p in [*plumbing, REPO / "rollout.py"])

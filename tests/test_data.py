@@ -5,7 +5,7 @@ import datasets
 import pytest
 from PIL import Image
 
-import data
+from plumbing import data
 import reward
 from conftest import geo3k_rows, png_bytes
 

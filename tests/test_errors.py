@@ -8,11 +8,12 @@ import datasets
 import pytest
 
 import apo
-import flags
-import bench
-import data
+from plumbing import flags
+from tools import bench
+from plumbing import data
 import eval as evaluate
-import run_folder
+from plumbing import run_folder
+from plumbing import models
 from conftest import REPO, Processes, png_bytes
 
 # ------------------------------------------------------------------------------------------------------- flags
@@ -233,7 +234,7 @@ def test_the_out_folder_and_the_device(tiny_model_dir, geo3k_dir, tmp_path, monk
         apo.train(train_args(tiny_model_dir, geo3k_dir, tmp_path / "taken"))
     monkeypatch.setattr(run_folder.torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match=r"--device cuda:1: 1 CUDA GPU\(s\) found; pass --device cpu"):
-        run_folder.resolve_device("cuda:1", "auto", "toy", "toy")
+        models.resolve_device("cuda:1", "auto", "toy", "toy")
 
 
 def test_a_hub_model_that_does_not_exist(monkeypatch):
@@ -252,7 +253,7 @@ def test_a_hub_model_that_does_not_exist(monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_found)
     with pytest.raises(SystemExit, match="model Qwen/Qwen2.5-VL-3B-Instruc: no such folder, nor a model on the Hub "
                                          r"that this login may read \(a private or gated one needs `hf auth login`"):
-        run_folder.model_config("Qwen/Qwen2.5-VL-3B-Instruc")
+        models.model_config("Qwen/Qwen2.5-VL-3B-Instruc")
 
 
 def test_other_errors_keep_their_tracebacks(monkeypatch, geo3k_dir):
@@ -261,7 +262,7 @@ def test_other_errors_keep_their_tracebacks(monkeypatch, geo3k_dir):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("No space left on device")))
     with pytest.raises(OSError, match="No space left"):
-        run_folder.model_config("Qwen/Qwen2.5-VL-3B-Instruct")
+        models.model_config("Qwen/Qwen2.5-VL-3B-Instruct")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         data.read_dataset(str(geo3k_dir))

@@ -314,7 +314,7 @@ def test_score_needs_an_answer_and_never_raises():
 
 
 def test_training_format_scores_as_the_training_reward():
-    import data
+    from plumbing import data
     for row in geo3k_rows():
         example = evaluate.training_example(row, data.COLUMNS, None)
         for choice in json.loads((GEO3K_SAMPLE /

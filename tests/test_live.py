@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import run_folder
+from plumbing import run_folder
+from plumbing import pictures
 from conftest import PAUSED, REPO, TIMING_KEYS, Processes, read_jsonl, wait_for
-from test_train import toy_args
+from test_run_folder import toy_args
 
 WANDB_OFFLINE = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_PROJECT="apo-tests")
 
@@ -50,7 +51,7 @@ def expected_scalars(out: Path) -> dict:
         for row in read_jsonl(out / f"{log}.jsonl"):
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    found[(run_folder.live_tag(log, key), row["step"])] = value
+                    found[(pictures.live_tag(log, key), row["step"])] = value
     assert ("train/reward", 3) in found and ("apo/dads_weight_pos_mean", 0) in found
     assert ("eval/accuracy", 4) in found and ("train/seconds_rollout", 2) in found
     return found
@@ -141,8 +142,8 @@ def test_wandb_offline_continues_the_same_run_with_each_row_at_its_step(killed_a
 def test_no_live_logging_imports_neither_package(tmp_path):
     """--report-to none (the default) imports neither tensorboard nor wandb (nor peft without --lora-rank); an
     unknown backend is an error at once."""
-    code = ("import sys, apo, run_folder; from pathlib import Path; args = apo.parse_args([]); "
-            "live = run_folder.LiveLog(Path(sys.argv[1]), args.report_to, {}); live.log('metrics', [{'step': 0}]); "
+    code = ("import sys, apo; from plumbing import pictures; from pathlib import Path; args = apo.parse_args([]); "
+            "live = pictures.LiveLog(Path(sys.argv[1]), args.report_to, {}); live.log('metrics', [{'step': 0}]); "
             "live.close(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard', "
             "'peft') or m == 'torch.utils.tensorboard'))")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=REPO)
@@ -150,4 +151,4 @@ def test_no_live_logging_imports_neither_package(tmp_path):
     assert result.stdout.strip() == "[]"
     assert not (tmp_path / "live.json").exists()
     with pytest.raises(SystemExit, match="--report-to takes tensorboard, wandb"):
-        run_folder.LiveLog(tmp_path, "tensorbord", {})
+        pictures.LiveLog(tmp_path, "tensorbord", {})

@@ -7,17 +7,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adamw
+from plumbing import adamw
 import apo
 import rollout
-import run_folder
-from test_train import assert_same_state, resume_after_step_2, run_logs, toy_args
+from conftest import minibatch_gradients
+from plumbing import run_folder
+from plumbing import models
+from test_run_folder import assert_same_state, resume_after_step_2, run_logs, toy_args
 
 CPU = torch.device("cpu")
 
 
 def lora(rank=4, dropout=0.0):
-    return run_folder.lora_config(rank, 0, dropout, apo.Args.lora_targets, False)
+    return models.lora_config(rank, 0, dropout, apo.Args.lora_targets, False)
 
 
 def trained_as_if(policy):
@@ -34,7 +36,7 @@ def batch(tiny_model_dir):
     """A rollout of the tiny base model, 2 prompts × 4 responses, with advantages and KL weights."""
     from PIL import Image
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and on a busy machine, a lot)
-    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, CPU)
+    model, processor = models.load_model(str(tiny_model_dir), torch.float32, CPU)
     prompts = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), c) for c in ("red", "blue")],
                                      ["Find x.", "How many sides?"], 784, 3136)
     batch = rollout.sample_responses(model, processor, prompts, 4, rollout.generation_config(processor, 6, 1.0, 1.0),
@@ -49,10 +51,10 @@ def test_the_reference_is_the_base_model_with_the_adapters_off(tiny_model_dir, b
     """ℓ_ref through the disabled adapters equals ℓ of a separately loaded base model, to the bit, while the policy
     (in training mode, with LoRA dropout 0.5) differs from it; the reference holds no weights of its own, builds no
     graph even with gradients enabled, and gives the policy its training mode back."""
-    policy, reference, _ = run_folder.load_models(str(tiny_model_dir), None, True, True, False, torch.float32, CPU,
+    policy, reference, _ = models.load_models(str(tiny_model_dir), None, True, True, False, torch.float32, CPU,
                                                   lora=lora(dropout=0.5))
     trained_as_if(policy)
-    base, _ = run_folder.load_model(str(tiny_model_dir), torch.float32, CPU)
+    base, _ = models.load_model(str(tiny_model_dir), torch.float32, CPU)
     expected, _ = rollout.batched_logprobs(base, batch, 1.0, 3)
     assert policy.training
     got, _ = rollout.batched_logprobs(reference, batch, 1.0, 3)
@@ -74,7 +76,7 @@ def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_mod
     args = apo.parse_args(["--mini-batch-size", "8", "--micro-batch-size", "3", "--kl-beta", "0.1", "--lr", "1e-2"])
     grads = {}
     for checkpointing in (False, True):
-        policy, _, _ = run_folder.load_models(str(tiny_model_dir), None, True, checkpointing, False, torch.float32,
+        policy, _, _ = models.load_models(str(tiny_model_dir), None, True, checkpointing, False, torch.float32,
                                               CPU, lora=lora())
         trained_as_if(policy)
         policy.zero_grad(set_to_none=True)
@@ -87,7 +89,7 @@ def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_mod
         base = policy.get_base_model().model
         hooks = [base.visual.register_forward_hook(record("vision")),
                  base.language_model.embed_tokens.register_forward_hook(record("embeddings"))]
-        apo.minibatch_gradients(policy, batch, list(range(8)), args)
+        minibatch_gradients(policy, batch, list(range(8)), args)
         assert in_graph == {"vision": False, "embeddings": False}, checkpointing
         for hook in hooks:
             hook.remove()
@@ -114,26 +116,26 @@ def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_mod
 
 
 def test_final_is_peft_s_merge_as_a_plain_model(tiny_model_dir, tmp_path):
-    """final/ holds the merged weights W + (α/r)·B·A as a plain HF folder (run_folder.load_model, which eval.py
+    """final/ holds the merged weights W + (α/r)·B·A as a plain HF folder (models.load_model, which eval.py
     uses, loads it without peft), equal to peft's own merge_and_unload of the adapter saved beside it, and it
     answers as the policy does; the policy keeps its base weights unmerged. A resume with other LoRA settings, or
     none, or --fsdp, is a clear error."""
-    policy, _, processor = run_folder.load_models(str(tiny_model_dir), None, True, False, False, torch.float32, CPU,
+    policy, _, processor = models.load_models(str(tiny_model_dir), None, True, False, False, torch.float32, CPU,
                                                   lora=lora())
     trained_as_if(policy)
     run_folder.save_checkpoint(tmp_path, "final", policy, processor, {"state": {"step": 1}})
     final = tmp_path / "final"
     assert (final / "adapter" / "adapter_config.json").exists() and (final / "model.safetensors").exists()
-    merged, _ = run_folder.load_model(str(final), torch.float32, CPU)
-    assert not run_folder.is_lora(merged)
+    merged, _ = models.load_model(str(final), torch.float32, CPU)
+    assert not models.is_lora(merged)
 
     from peft import PeftModel
-    base, _ = run_folder.load_model(str(tiny_model_dir), torch.float32, CPU)
+    base, _ = models.load_model(str(tiny_model_dir), torch.float32, CPU)
     theirs = PeftModel.from_pretrained(base, final / "adapter").merge_and_unload().state_dict()
     ours = merged.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    fresh, _ = run_folder.load_model(str(tiny_model_dir), torch.float32, CPU)
+    fresh, _ = models.load_model(str(tiny_model_dir), torch.float32, CPU)
     assert not torch.equal(ours["model.language_model.layers.0.mlp.down_proj.weight"],
                            fresh.state_dict()["model.language_model.layers.0.mlp.down_proj.weight"])
 
@@ -146,7 +148,7 @@ def test_final_is_peft_s_merge_as_a_plain_model(tiny_model_dir, tmp_path):
                     if "lora_" not in k}
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in base_weights.items())
 
-    load = lambda resume_from, config, fsdp=False: run_folder.load_models(  # noqa: E731
+    load = lambda resume_from, config, fsdp=False: models.load_models(  # noqa: E731
         str(tiny_model_dir), resume_from, True, False, fsdp, torch.float32, CPU, lora=config)
     with pytest.raises(SystemExit, match="other LoRA settings"):
         load(final, lora(rank=8))

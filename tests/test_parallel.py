@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import adamw
+from plumbing import adamw
 import apo
 import parallel_worker
-import run_folder
-from conftest import PAUSED, REPO, Processes, read_jsonl, wait_for, without_timings
+from plumbing import run_folder
+from plumbing import models
+from conftest import minibatch_gradients, PAUSED, REPO, Processes, read_jsonl, wait_for, without_timings
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 
@@ -26,7 +27,7 @@ def run_worker(task, model_dir, out, **options):
 def single(tiny_model_dir):
     """The single-process route: the tiny model and the shared batch, in this process."""
     torch.set_num_threads(1)
-    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model, processor = models.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     return model, processor, parallel_worker.make_batch(model, processor)
 
 
@@ -41,7 +42,7 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny_model_dir, single, tmp_
     model.train()
     model.zero_grad(set_to_none=True)
     args = parallel_worker.args_for({"agg": agg, "micro": micro})
-    expected_stats = apo.minibatch_gradients(model, batch, list(range(8)), args)
+    expected_stats = minibatch_gradients(model, batch, list(range(8)), args)
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     if checkpointing:
@@ -63,7 +64,7 @@ def test_bf16_replicas_stay_bit_identical(tiny_model_dir, tmp_path):
     run_worker("updates", tiny_model_dir, tmp_path, bf16=True, steps=3)
     digests = [(tmp_path / f"digest-{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
-    start_model, _ = run_folder.load_model(str(tiny_model_dir), torch.bfloat16, torch.device("cpu"))
+    start_model, _ = models.load_model(str(tiny_model_dir), torch.bfloat16, torch.device("cpu"))
     assert digests[0] != parallel_worker.weights_digest(start_model)
 
 
@@ -71,7 +72,7 @@ def test_fsdp_update_equals_the_unsharded_one(tiny_model_dir, single, tmp_path):
     """One optimizer step with FSDP2 (weights, gradients and Adam moments sharded over 2 ranks, the batch split,
     gradient checkpointing on) gives the weights of one process updating on the whole batch (fp32)."""
     run_worker("updates", tiny_model_dir, tmp_path, fsdp=True, steps=1, checkpointing=True)
-    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model, processor = models.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     model.train()
     batch = parallel_worker.make_batch(model, processor)
     model.train()
@@ -94,7 +95,7 @@ def test_fsdp_update_equals_the_unsharded_one(tiny_model_dir, single, tmp_path):
 def toy_model():
     """Whole runs use the toy task: its starting model writes the format and guesses letters, so rewards differ
     within groups and every update moves the weights (a random model earns nothing, and nothing would move)."""
-    import toy
+    from plumbing import toy
     return toy.starting_model()  # built once here, not by two ranks at once
 
 
@@ -167,8 +168,8 @@ def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_mode
     assert (run / "checkpoint-000001" / "sharded" / ".metadata").exists()
     assert not (run / "checkpoint-000001" / "model.safetensors").exists()  # the weights are in sharded/
     first = read_jsonl(run / "metrics.jsonl")
-    final, _ = run_folder.load_model(str(run / "final"), torch.float32, torch.device("cpu"))  # a plain HF folder
-    start_model, _ = run_folder.load_model(str(toy_model), torch.float32, torch.device("cpu"))
+    final, _ = models.load_model(str(run / "final"), torch.float32, torch.device("cpu"))  # a plain HF folder
+    start_model, _ = models.load_model(str(toy_model), torch.float32, torch.device("cpu"))
     assert not all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), start_model.state_dict().values()))
 
     import shutil
@@ -176,7 +177,7 @@ def test_fsdp_run_saves_shards_resumes_exactly_and_writes_a_plain_final(toy_mode
     shutil.rmtree(run / "checkpoint-000002")
     Processes(command + ["--resume"], world=2).finish()
     assert without_timings(read_jsonl(run / "metrics.jsonl")) == without_timings(first)
-    again, _ = run_folder.load_model(str(run / "final"), torch.float32, torch.device("cpu"))
+    again, _ = models.load_model(str(run / "final"), torch.float32, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), final.state_dict().values()))
 
 

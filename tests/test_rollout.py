@@ -1,4 +1,7 @@
-"""rollout.py on a tiny random Qwen2.5-VL: prompts, sampling, masks, micro-batching and log-probs."""
+"""rollout.py on a tiny random Qwen2.5-VL: prompts, sampling, masks, micro-batching and log-probs (the chunked
+vocabulary projection against the naive full-logits log-softmax: values, gradients, peak memory)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -250,3 +253,112 @@ def test_a_response_does_not_depend_on_what_shares_its_batch(tiny, prompts):
     assert torch.equal(part["response_ids"], whole["response_ids"][4:, :T]) and part["texts"] == whole["texts"][4:]
     other = rollout.sample_responses(model, processor, prompts, 4, config, seed=(3, 2))  # another step
     assert other["texts"] != whole["texts"]
+
+
+# --------------------------------------------------------------------------------------- chunked log-probs
+@pytest.fixture(scope="module")
+def tiny64(tiny_model_dir):
+    """The tiny model in float64: the only rounding the two routes do differently is then that of the logits to
+    fp32 (both compute the log-softmax in fp32, as rollout does), so they agree to a few fp32 ulps (2^-23 each)."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def rollout_batch(tiny64):
+    """Two prompts of different lengths (left padding), two responses each, of 9, 4, 7 and 1 tokens then padding."""
+    _, processor = tiny64
+    prompts = rollout.encode_prompts(processor, [Image.new("RGB", (56, 84), "red"), Image.new("RGB", (40, 40))],
+                                     ["<image>How many sides?", "Find x, the length of the side opposite B."],
+                                     28 * 28, 112 * 112)
+    batch = rollout.select(prompts, [0, 0, 1, 1])
+    gen = torch.Generator().manual_seed(6)
+    lengths = torch.tensor([9, 4, 7, 1])
+    mask = (torch.arange(9)[None] < lengths[:, None]).long()                   # [4, 9]
+    pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    response = torch.where(mask.bool(), torch.randint(0, 400, (4, 9), generator=gen), pad)  # no special tokens
+    batch.update(input_ids=torch.cat([batch["input_ids"], response], 1),
+                 attention_mask=torch.cat([batch["attention_mask"], mask], 1),
+                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], 1),
+                 response_mask=mask, prompt_len=prompts["input_ids"].shape[1])
+    return batch
+
+
+def naive_logprobs(model, batch):
+    """Full-vocabulary logits of every position at once (HF's own forward), fp32 log-softmax, gather."""
+    P = batch["prompt_len"]
+    logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                                            "image_grid_thw")}).logits[:, P - 1:-1].float() / TEMPERATURE
+    logp_all = logits.log_softmax(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, batch["input_ids"][:, P:, None])[..., 0], entropy
+
+
+def gradients(model, logp, weights) -> dict:
+    model.zero_grad(set_to_none=True)
+    (logp * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {**grads, "lm_head.weight": model.lm_head.weight.grad.clone()}  # (tied to the embedding)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 36, 1024])  # 36 = n·T; 5 and 7 do not divide it; 1024: one chunk
+def test_chunked_logprobs_equal_naive_values_and_gradients(tiny64, rollout_batch, chunk):
+    model, _ = tiny64
+    weights = torch.randn(4, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    weights = weights * rollout_batch["response_mask"]
+    expected, expected_entropy = naive_logprobs(model, rollout_batch)
+    expected_grads = gradients(model, expected, weights)
+    logp, entropy = rollout.response_logprobs(model, rollout_batch, TEMPERATURE, chunk_tokens=chunk)
+    torch.testing.assert_close(logp, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=1e-6, atol=1e-6)
+    assert not entropy.requires_grad
+    grads = gradients(model, logp, weights)
+    assert grads.keys() == expected_grads.keys(), set(grads) ^ set(expected_grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-6, atol=1e-9, msg=name)
+    model.zero_grad(set_to_none=True)
+
+
+def test_batched_logprobs_equal_naive_across_micro_batches_of_different_lengths(tiny64, rollout_batch):
+    """No gradients, micro-batches whose longest responses differ (select() trims each to its own length)."""
+    model, _ = tiny64
+    with torch.no_grad():
+        expected, _ = naive_logprobs(model, rollout_batch)
+    mask = rollout_batch["response_mask"].bool()
+    for micro in (1, 3):
+        logp, _ = rollout.batched_logprobs(model, rollout_batch, TEMPERATURE, micro, chunk_tokens=5)
+        assert logp.shape == expected.shape
+        torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_logprobs_peak_memory():
+    """Peak memory of forward + backward through the vocabulary projection, counted tensor by tensor (torch's
+    MemTracker: exact, no timing), with bf16 weights as on a GPU. A stand-in model returns fixed hidden states, so
+    that the projection is all there is; its vocabulary (20,000) makes a [1, V] fp32 row (80 kB) big next to the
+    rest. With a fixed chunk, the peak must not grow with the micro-batch's token count by even an eighth of a row
+    per token (what does grow: hidden states and per-token outputs, ~100 bytes per token); with a single chunk of
+    all n·T positions (what the naive route holds), it grows by one to five rows per token (the log-softmax kept
+    for backward, its gradient, log_softmax's exp and result, the bf16 logits)."""
+    from torch.distributed._tools import mem_tracker  # (a private module of torch: an import error says so)
+    n, P, H, V = 4, 3, 16, 20_000
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(V, H, generator=gen).to(torch.bfloat16).requires_grad_()
+
+    def peak(T: int, chunk: int) -> int:
+        hidden = torch.randn(n, P + T, H, generator=gen).to(torch.bfloat16).requires_grad_()
+        def stand_in(**inputs):  # the model's forward, asked for its hidden states
+            return SimpleNamespace(hidden_states=(hidden * 1,))
+        stand_in.device, stand_in.lm_head = torch.device("cpu"), SimpleNamespace(weight=weight)
+        batch = {"input_ids": torch.randint(0, V, (n, P + T), generator=gen), "prompt_len": P,
+                 **{k: torch.zeros(1) for k in ("attention_mask", "mm_token_type_ids", "pixel_values",
+                                                "image_grid_thw")}}
+        tracker = mem_tracker.MemTracker()
+        with tracker:
+            logp, _ = rollout.response_logprobs(stand_in, batch, TEMPERATURE, chunk_tokens=chunk)
+            logp.sum().backward()
+        weight.grad = None
+        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+    row, added = V * 4, n * (9 - 2)  # an fp32 vocabulary row; tokens added going from T = 2 to T = 9
+    assert peak(9, chunk=3) - peak(2, chunk=3) < added * row / 8
+    assert added * row <= peak(9, chunk=n * 9) - peak(2, chunk=n * 2) <= 5 * added * row

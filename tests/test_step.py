@@ -9,14 +9,16 @@ import math
 import pytest
 import torch
 
-import adamw
+from plumbing import adamw
 import apo
-import data
+from plumbing import data
 import eval as evaluate
 import reward
 import rollout
-import run_folder
-import toy
+from conftest import minibatch_gradients
+from plumbing import run_folder
+from plumbing import toy
+from plumbing import models
 
 
 
@@ -27,11 +29,12 @@ def loop_args(data, out, *extra):
 
 class Spy:
     """Records, without changing them, what a run's step is made of: each rollout batch, each optimizer step's
-    gradients and the weights it started from, and the responses of each mini-batch."""
+    gradients and the weights it started from, and the responses of each mini-batch (those of the micro-batches
+    that the update selects before each optimizer step)."""
 
     def __init__(self, monkeypatch):
-        self.rollouts, self.steps, self.minibatch_rows = [], [], []
-        sample, step, gradients = rollout.sample_responses, adamw.AdamW.step, apo.minibatch_gradients
+        self.rollouts, self.steps, self.minibatch_rows, self.micro_rows = [], [], [], []
+        sample, step, select = rollout.sample_responses, adamw.AdamW.step, rollout.select
 
         def sample_responses(*args, **kwargs):
             batch = sample(*args, **kwargs)
@@ -42,20 +45,23 @@ class Spy:
             params = optimizer.param_groups[0]["params"]
             self.steps.append({"grads": [p.grad.detach().clone() for p in params],
                                "weights": [p.detach().clone() for p in params]})
+            self.minibatch_rows.append(self.micro_rows)
+            self.micro_rows = []
             return step(optimizer, *args, **kwargs)
 
-        def minibatch_gradients(model, batch, rows, args):
-            self.minibatch_rows.append(list(rows))
-            return gradients(model, batch, rows, args)
+        def select_rows(batch, rows):
+            if "advantages" in batch:  # a micro-batch of the update
+                self.micro_rows = self.micro_rows + list(rows)
+            return select(batch, rows)
 
         monkeypatch.setattr(rollout, "sample_responses", sample_responses)
         monkeypatch.setattr(adamw.AdamW, "step", optimizer_step)
-        monkeypatch.setattr(apo, "minibatch_gradients", minibatch_gradients)
+        monkeypatch.setattr(rollout, "select", select_rows)
 
 
 def model_with(weights: list):
     """The toy's starting model with `weights` (in model.parameters() order, as the optimizer holds them)."""
-    model, _ = run_folder.load_model("toy", torch.float32, torch.device("cpu"))
+    model, _ = models.load_model("toy", torch.float32, torch.device("cpu"))
     with torch.no_grad():
         for p, w in zip(model.parameters(), weights):
             p.copy_(w)
@@ -131,7 +137,7 @@ STARTING = None  # the starting model's weights, set by the fixture below
 @pytest.fixture(scope="module", autouse=True)
 def starting_weights():
     global STARTING
-    model, _ = run_folder.load_model("toy", torch.float32, torch.device("cpu"))
+    model, _ = models.load_model("toy", torch.float32, torch.device("cpu"))
     STARTING = [p.detach().clone() for p in model.parameters()]
 
 
@@ -244,7 +250,7 @@ def test_the_on_policy_shortcut_gives_the_gradient_of_a_separate_pass(toy_dir, t
         if old_logp is not None:
             one["old_logp"] = old_logp
         copy.zero_grad()
-        apo.minibatch_gradients(copy, one, list(range(16)), args)
+        minibatch_gradients(copy, one, list(range(16)), args)
         grads.append([p.grad.clone() for p in copy.parameters()])
     assert_same_gradient(grads[0], grads[1])
     assert_same_gradient(spy.steps[0]["grads"], grads[1])
@@ -280,7 +286,7 @@ def test_held_out_evaluations_are_greedy_in_training_and_in_eval(toy_dir, tmp_pa
     """The starting model's greedy answers to the 16 held-out problems, decoded by hand: the run's step-0
     evaluation reports their accuracy, format rate and length, and eval.py writes exactly those responses. (Sampled
     at T = 1, this model breaks its format about one time in eight: a sampling evaluation would not match.)"""
-    model, processor = run_folder.load_model("toy", torch.float32, torch.device("cpu"))
+    model, processor = models.load_model("toy", torch.float32, torch.device("cpu"))
     table, base, columns = data.load_table(str(toy_dir), "test")
     examples = [data.prepare_example(table[i], columns, base) for i in range(16)]
     texts = greedy_by_hand(model, processor, examples, 24)

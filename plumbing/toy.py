@@ -159,7 +159,7 @@ def toy_dataset(split: str, seed: int = 0):
 # thoughts to choose from, RL spent 200 steps on which thought to write and none on the colour.
 THOUGHT = "Find the shape in the image."
 WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4})
-CACHE = Path(__file__).resolve().parent / ".toy_cache"                   # git-ignored
+CACHE = Path(__file__).resolve().parents[1] / ".toy_cache"               # git-ignored
 
 
 def warm_start_target(rng: random.Random) -> str:

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import adamw
+from plumbing import adamw
 import apo
-import data
+from plumbing import data
 import rollout
-import run_folder
-import toy
+from plumbing import run_folder
+from plumbing import toy
+from plumbing import models
 from conftest import (PAUSED, REPO, TIMING_KEYS, Processes, png_bytes, read_jsonl, wait_for, without_timings,
                       write_hub_layout)
 
@@ -25,7 +26,7 @@ def tiny_args(model_dir, data_dir, out, *extra):
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
-    return run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    return models.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
 
 
 def rollout_with_rewards(model, processor, rewards, correct):
@@ -44,8 +45,8 @@ def rollout_with_rewards(model, processor, rewards, correct):
 
 @pytest.mark.parametrize("mini_batch_size", [8, 3])  # on-policy (one step), and off-policy (3 steps, ℓ_old used)
 def test_one_update_changes_every_trainable_parameter(tiny_model_dir, mini_batch_size):
-    model, processor = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
-    reference, _ = run_folder.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model, processor = models.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    reference, _ = models.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     args = apo.parse_args(["--mini-batch-size", str(mini_batch_size), "--micro-batch-size", "2", "--lr", "1e-4"])
     rewards = torch.tensor([[1.5, 0.5, 0.0, 0.5], [0.0, 1.0, 1.5, 0.0]])
     batch = rollout_with_rewards(model, processor, rewards, rewards >= 1.0)
@@ -63,7 +64,7 @@ def test_one_update_changes_every_trainable_parameter(tiny_model_dir, mini_batch
 
 
 def test_non_finite_update_is_skipped(policy):
-    model, processor = run_folder.load_model(policy[0].name_or_path, torch.float32, torch.device("cpu"))
+    model, processor = models.load_model(policy[0].name_or_path, torch.float32, torch.device("cpu"))
     rewards = torch.tensor([[1.5, 0.5, 0.0, 0.5], [0.0, 1.0, 1.5, 0.0]])
     batch = rollout_with_rewards(model, processor, rewards, rewards >= 1.0)
     batch["advantages"][3] = float("nan")
@@ -85,7 +86,7 @@ def test_checkpoint_reloads_with_identical_outputs(policy, tmp_path):
     try:
         run_folder.save_checkpoint(tmp_path, "checkpoint-000001", model, processor, {"state": {"step": 1}})
         assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "checkpoint-000001" / "model.safetensors").exists()
-        reloaded, reprocessor = run_folder.load_model(str(tmp_path / "checkpoint-000001"), torch.float32,
+        reloaded, reprocessor = models.load_model(str(tmp_path / "checkpoint-000001"), torch.float32,
                                                torch.device("cpu"))
         from PIL import Image
         inputs = rollout.encode_prompts(processor, [Image.new("RGB", (56, 56), "red")], ["Find x."], 784, 3136)
@@ -210,8 +211,8 @@ def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupte
     out = apo.train(apo.parse_args(args))
     uninterrupted = final_state(out)
     logs = run_logs(out)
-    start, _ = run_folder.load_model("toy", getattr(torch, dtype), torch.device("cpu"))
-    end, _ = run_folder.load_model(str(out / "final"), getattr(torch, dtype), torch.device("cpu"))
+    start, _ = models.load_model("toy", getattr(torch, dtype), torch.device("cpu"))
+    end, _ = models.load_model(str(out / "final"), getattr(torch, dtype), torch.device("cpu"))
     moved = [n for (n, a), b in zip(start.named_parameters(), end.parameters()) if not torch.equal(a, b)]
     assert len(moved) > 0.9 * len(list(start.parameters()))  # the weights moved, and the moments are not zero
     assert all(m["exp_avg"].abs().sum() > 0 for m in uninterrupted[1].values())
@@ -258,8 +259,8 @@ def test_sigterm_saves_and_exits_cleanly(toy_dir, tmp_path):
 def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="No CUDA GPU found.*--device cpu"):
-        run_folder.resolve_device("auto", "auto", "Qwen/Qwen2.5-VL-3B-Instruct", "geo3k")
-    assert run_folder.resolve_device("cpu", "auto", "Qwen/Qwen2.5-VL-3B-Instruct", "geo3k") == (
+        models.resolve_device("auto", "auto", "Qwen/Qwen2.5-VL-3B-Instruct", "geo3k")
+    assert models.resolve_device("cpu", "auto", "Qwen/Qwen2.5-VL-3B-Instruct", "geo3k") == (
         torch.device("cpu"), torch.float32)
 
 
@@ -305,7 +306,7 @@ def test_held_out_evaluation_during_training(tiny_model_dir, geo3k_dir, tmp_path
     evals = read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3] and all(e["problems"] == 2 for e in evals)  # the 2 test rows
     # the last line, recomputed by hand from the trained model's greedy answers to the two test problems
-    model, processor = run_folder.load_model(str(out / "final"), torch.float32, torch.device("cpu"))
+    model, processor = models.load_model(str(out / "final"), torch.float32, torch.device("cpu"))
     cfg = apo.parse_args(args)
     table, base, columns = data.load_table(str(geo3k_dir), "test")
     examples = [data.prepare_example(table[i], columns, base) for i in range(2)]

@@ -1,15 +1,15 @@
 """Benchmark of one APO step: seconds and peak memory per phase, throughput, MFU; and the memory plan.
 
-    python bench.py --config tiny --device cpu --threads 1 --out bench_tiny.json   # the toy model's shapes, CPU
-    python bench.py --config 3b --device cuda --out bench_3b.json                 # Qwen2.5-VL-3B's, one GPU
-    python bench.py --config 3b --dry-run --out plan_3b.json                      # memory plan: no GPU, no weights
-    python bench.py --config 3b --dry-run --lora-rank 16 --generation-batch-size 64 --out plan_lora.json  # 24 GB
+    python tools/bench.py --config tiny --device cpu --threads 1 --out bench_tiny.json   # the toy's shapes, CPU
+    python tools/bench.py --config 3b --device cuda --out bench_3b.json                 # Qwen2.5-VL-3B, one GPU
+    python tools/bench.py --config 3b --dry-run --out plan_3b.json             # memory plan: no GPU, no weights
+    python tools/bench.py --config 3b --dry-run --lora-rank 16 --generation-batch-size 64 --out plan_lora.json
 
 The model has random weights and the prompts are synthetic (a noise image and a one-line problem), so nothing is
-downloaded. A step runs the pieces of `apo.apo_step` in the same order with the same defaults (`apo.Args`): rollout,
-rewards, group advantage, STCR, DADS, old and reference log-probs, then `apo.update_policy` (mini- and
-micro-batches, `adamw.AdamW`). Only the rewards are random draws, and every response runs to --max-new-tokens
-(--no-full-length lets EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
+downloaded. What runs is `apo.apo_step` itself, with apo.Args' defaults: rollout, rewards and advantages, old and
+reference log-probs, the update; this script only times its phases (`Meter`, passed as the step's clock) and the
+decoding steps of `generate` (`DecodeClock`), and makes every response run to --max-new-tokens (--no-full-length
+lets EOS end them): the step measured is the longest the settings allow. docs/PERF.md holds the numbers.
 """
 
 import argparse
@@ -31,15 +31,14 @@ from PIL import Image
 from transformers import CompileConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
-import apo
-import flags
-import rollout
-import run_folder
-import toy
-from adamw import AdamW
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: apo.py and plumbing/
+import apo  # noqa: E402
+import rollout  # noqa: E402
+from plumbing import flags, models, run_folder, toy  # noqa: E402
+from plumbing.adamw import AdamW  # noqa: E402
 
 # The public config.json of Qwen/Qwen2.5-VL-3B-Instruct (architecture only, no weights), kept with the test data.
-QWEN_3B_CONFIG = Path(__file__).resolve().parent / "tests" / "data" / "qwen2_5_vl_3b_config.json"
+QWEN_3B_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen2_5_vl_3b_config.json"
 PEAK_BF16_FLOPS = 989e12   # H100 SXM (and H200), dense bf16 tensor cores, no sparsity
 HBM_BYTES_PER_S = 3.0e12   # what a decode step can hope to read per second on an H100 (3.35 TB/s nominal)
 TARGET_GIB = 60        # an 80 GB GPU, with room for what the plan leaves out
@@ -126,14 +125,18 @@ def load_config(a, tokenizer) -> Qwen2_5_VLConfig:
     return config
 
 
-def synthetic_prompts(processor, n: int, image_size: tuple, s: apo.Args, seed: int) -> dict:
-    """n prompts, each a noise image of image_size pixels and a one-line problem, encoded as apo.apo_step does."""
+def synthetic_examples(n: int, image_size: tuple, seed: int) -> list:
+    """n examples as apo.apo_step takes them: a noise image of image_size pixels, a one-line problem, a gold."""
     rng = random.Random(seed)
     w, h = image_size
-    images = [Image.frombytes("RGB", (w, h), rng.randbytes(w * h * 3)) for _ in range(n)]
-    problems = [f"<image>Find x if the angle at B is {rng.randint(20, 80)} degrees and AB = {rng.randint(2, 9)}."
-                for _ in range(n)]
-    return rollout.encode_prompts(processor, images, problems, s.min_pixels, s.max_pixels)
+    return [{"images": [Image.frombytes("RGB", (w, h), rng.randbytes(w * h * 3))],
+             "problem": f"<image>Find x if the angle at B is {rng.randint(20, 80)} degrees and AB = "
+                        f"{rng.randint(2, 9)}.", "answer": "5", "row": i} for i in range(n)]
+
+
+def encode(processor, examples: list, s: apo.Args) -> dict:
+    return rollout.encode_prompts(processor, [e["images"] for e in examples], [e["problem"] for e in examples],
+                                  s.min_pixels, s.max_pixels)
 
 
 def count_parameters(model) -> dict:
@@ -148,7 +151,7 @@ def count_parameters(model) -> dict:
 
 # -------------------------------------------------------------------------------------------------- memory plan
 def lora_layers(config, s: apo.Args) -> tuple:
-    """(in, out) features of the linear layers that get LoRA adapters (run_folder.LANGUAGE_LAYERS, VISION_LAYERS),
+    """(in, out) features of the linear layers that get LoRA adapters (models.LANGUAGE_LAYERS, VISION_LAYERS),
     from the config: --lora-targets of one decoder layer, and with --lora-vision those of one vision block, then the
     merger's two (once)."""
     t, v = config.text_config, config.vision_config
@@ -261,7 +264,7 @@ def dry_run(a, s: apo.Args, processor) -> dict:
     config = load_config(a, processor.tokenizer)
     with torch.device("meta"):
         counts = count_parameters(Qwen2_5_VLForConditionalGeneration(config))
-    prompts = synthetic_prompts(processor, 1, a.image_size, s, a.seed)
+    prompts = encode(processor, synthetic_examples(1, a.image_size, a.seed), s)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
     plan = memory_plan(config, counts, s, P, patches, a.target_gib)
     # The longest prompt the settings admit (--max-prompt-tokens) with an image at --max-pixels, at the default
@@ -278,9 +281,10 @@ def dry_run(a, s: apo.Args, processor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- measuring
-class Meter:
-    """Seconds and peak memory of each phase, summed / maxed over its visits during a step. Phases may nest (the
-    optimizer steps inside the update): a phase's peak includes those of the phases inside it.
+class Meter(run_folder.Stopwatch):
+    """apo_step's clock, with the peak memory of each phase: seconds and peaks, summed / maxed over a phase's
+    visits during a step. Phases may nest (the optimizer steps inside the update): a phase's peak includes those
+    of the phases inside it.
 
     CUDA: torch.cuda.max_memory_allocated, reset when a phase starts. CPU: the process's peak resident set
     (VmHWM), reset at each phase through /proc/self/clear_refs where Linux allows it; elsewhere the peak since start
@@ -316,7 +320,7 @@ class Meter:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
     @contextmanager
-    def phase(self, name: str):
+    def __call__(self, name: str):
         self._sync()
         self._fold_peak()
         self.open.append(name)
@@ -352,46 +356,15 @@ class DecodeClock(BaseStreamer):
                 "decode_ms_per_token_step": 1000 * decode / max(steps, 1)}
 
 
-# ---------------------------------------------------------------------------------------------------- one step
-def apo_step(model, reference, processor, prompts, optimizer, s: apo.Args, gen_config, meter: Meter) -> dict:
-    """One APO step as apo.apo_step runs it (rollout, advantages, log-probs, update), with random rewards."""
-    B, G = s.prompts_per_step, s.group_size
-    with meter.phase("rollout"):
-        batch = rollout.sample_responses(model, processor, prompts, G, gen_config, s.generation_batch_size)
-    with meter.phase("advantages"):  # synthetic rewards: 30% correct, 80% well formatted (APO_SPEC §1: acc + fmt)
-        correct = torch.rand(B, G) < 0.3
-        rewards = correct.float() + (torch.rand(B, G) < 0.8).float()
-        advantages = apo.stcr_multiplier(correct, batch["lengths"].view(B, G), s.stcr_base) * apo.grpo_advantages(rewards)
-        batch["advantages"] = advantages.flatten()
-        batch["kl_weights"] = apo.dads_kl_weights(advantages, correct).flatten()
-    n_updates = -(-B * G // s.mini_batch_size)
-    with meter.phase("logprobs"):
-        if n_updates > 1:
-            batch["old_logp"], _ = rollout.batched_logprobs(model, batch, s.temperature, s.micro_batch_size,
-                                                            s.logprob_chunk)
-        batch["ref_logp"] = (rollout.batched_logprobs(reference, batch, s.temperature, s.micro_batch_size,
-                                                      s.logprob_chunk)[0] if reference is not None else None)
-    step = optimizer.step
-    def timed_step():  # noqa: E306
-        with meter.phase("optimizer"):
-            step()
-    optimizer.step = timed_step
-    with meter.phase("update"):  # forward + backward of every micro-batch, and the optimizer steps
-        apo.update_policy(model, batch, optimizer, s, [s.lr] * n_updates)
-    del optimizer.step
-    return batch
-
-
-def step_flops(batch: dict, counts: dict, decode_token_steps: int, logprob_passes: int) -> dict:
+def step_flops(prompt_tokens: int, response_tokens: int, patches: int, counts: dict, decode_token_steps: int,
+               logprob_passes: int, prefill_tokens: int) -> dict:
     """Model FLOPs of a step: 2·N per token for each forward without gradients, 6·N per token (forward + backward)
     for the update; N = the parameters a token (or an image patch) goes through. Real tokens only (no padding);
     attention's own FLOPs (~4·S·H per token per layer, a few % here) and the recompute of gradient checkpointing
     are not counted, as MFU conventionally does."""
-    tokens = batch["attention_mask"].sum().item()                        # prompt + response up to EOS, all rows
-    patches = batch["pixel_values"].shape[0]                             # each sequence carries its image
-    per_pass = counts["text_params_per_token"] * tokens + counts["vision_params_per_patch"] * patches
-    prefill = batch["attention_mask"][:, :batch["prompt_len"]].sum().item()  # then 1 token per sequence per step
-    generate = (counts["text_params_per_token"] * (prefill + decode_token_steps)
+    per_pass = counts["text_params_per_token"] * (prompt_tokens + response_tokens) + \
+        counts["vision_params_per_patch"] * patches
+    generate = (counts["text_params_per_token"] * (prefill_tokens + decode_token_steps)
                 + counts["vision_params_per_patch"] * patches)
     return {"rollout": 2 * generate, "logprobs": 2 * per_pass * logprob_passes, "update": 6 * per_pass}
 
@@ -407,7 +380,7 @@ def bench(a, s: apo.Args, processor) -> dict:
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU found")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as run_folder.resolve_device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as models.resolve_device
     config = load_config(a, processor.tokenizer)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
@@ -417,46 +390,56 @@ def bench(a, s: apo.Args, processor) -> dict:
     reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 and not s.lora_rank else None
     if s.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if s.lora_rank:  # as run_folder.load_models: adapters, and the reference is the model with them off
-        model = run_folder.add_adapters(model, run_folder.lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout,
+    if s.lora_rank:  # as models.load_models: adapters, and the reference is the model with them off
+        model = models.add_adapters(model, models.lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout,
                                                                       s.lora_targets, s.lora_vision), a.seed)
-        reference = run_folder.AdaptersOff(model) if s.kl_beta > 0 else None
+        reference = models.AdaptersOff(model) if s.kl_beta > 0 else None
     model.train()
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.adam_betas,
                       weight_decay=s.weight_decay)
-    gen_config = rollout.generation_config(processor, s.max_new_tokens, s.temperature, s.top_p)
-    if a.full_length:
-        gen_config.min_new_tokens = s.max_new_tokens
+    # generate's settings beyond rollout.generation_config's, passed to each of apo_step's generate calls
+    overrides = {"min_new_tokens": s.max_new_tokens} if a.full_length else {}
     if a.cache_implementation:
-        gen_config.cache_implementation = None if a.cache_implementation == "dynamic" else a.cache_implementation
+        overrides["cache_implementation"] = None if a.cache_implementation == "dynamic" else a.cache_implementation
     if a.compile_decode is not None:
-        gen_config.disable_compile = not a.compile_decode
+        overrides["disable_compile"] = not a.compile_decode
         if a.compile_decode and device.type != "cuda":
-            gen_config.compile_config = CompileConfig()
-            gen_config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
-    prompts = synthetic_prompts(processor, s.prompts_per_step, a.image_size, s, a.seed)
+            overrides["compile_config"] = CompileConfig()
+            overrides["compile_config"]._compile_all_devices = True  # transformers compiles on CUDA only otherwise
+    examples = synthetic_examples(s.prompts_per_step, a.image_size, a.seed)
+    prompts = encode(processor, examples, s)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
+    G = s.group_size
+    prompt_tokens, all_patches = G * int(prompts["attention_mask"].sum()), G * prompts["pixel_values"].shape[0]
     clock = DecodeClock()
     generate = model.generate
-    model.generate = lambda **kwargs: generate(**kwargs, streamer=clock)  # sample_responses' calls, timed
+    model.generate = lambda **kwargs: generate(**kwargs, streamer=clock, **overrides)  # apo_step's calls, timed
+    step = optimizer.step
+
+    def timed_step(meter):  # the optimizer's share of the update
+        with meter("optimizer"):
+            step()
 
     steps = []
+    state = {"step": 0, "updates": 0, "steps": a.steps, "bad_rows": 0, "skipped_updates": 0, "bad_in_a_row": 0}
     for _ in range(a.steps):
         meter, clock.calls = Meter(device), []
-        batch = apo_step(model, reference, processor, prompts, optimizer, s, gen_config, meter)
+        optimizer.step = lambda: timed_step(meter)
+        metrics, _ = apo.apo_step(model, reference, processor, optimizer, examples, state, s, clock=meter)
+        state["step"] += 1
         timing = clock.summary()
-        flops = step_flops(batch, counts, timing["decode_token_steps"],
-                           (s.prompts_per_step * s.group_size > s.mini_batch_size) + (reference is not None))
+        generated = metrics["response_tokens"]
+        flops = step_flops(prompt_tokens, generated, all_patches, counts, timing["decode_token_steps"],
+                           (s.prompts_per_step * G > s.mini_batch_size) + (reference is not None), prompt_tokens)
         seconds = {k: round(x, 4) for k, x in meter.seconds.items()}
         step_seconds = sum(x for k, x in meter.seconds.items() if k != "optimizer")  # (inside "update")
         update_seconds = meter.seconds["update"]
-        generated = batch["response_mask"].sum().item()
         steps.append({
             "step_seconds": round(step_seconds, 3), "seconds": seconds,
             "peak_memory_gib": round(max(meter.peak.values()) / GiB, 3),
             "peak_memory_gib_by_phase": {k: round(x / GiB, 3) for k, x in meter.peak.items()},
             "rollout_tokens_per_s": round(generated / meter.seconds["rollout"], 1),
-            "train_tokens_per_s": round(batch["attention_mask"].sum().item() / update_seconds, 1),
+            "train_tokens_per_s": round((prompt_tokens + generated) / update_seconds, 1),
             **{k: round(x, 4) for k, x in timing.items()},
             "response_tokens": generated, "tflop": round(sum(flops.values()) / 1e12, 3),
             "mfu": round(sum(flops.values()) / step_seconds / PEAK_BF16_FLOPS, 4) if device.type == "cuda" else None,
@@ -466,6 +449,7 @@ def bench(a, s: apo.Args, processor) -> dict:
                              if device.type == "cuda" else None),
         })
         print(json.dumps(steps[-1]), flush=True)
+    del optimizer.step
     # The decode floor: a decoding step reads every language-model weight once, and the KV cache (on average at
     # half the response length) once more: bytes / HBM bandwidth.
     t = config.text_config
@@ -480,7 +464,7 @@ def bench(a, s: apo.Args, processor) -> dict:
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {**{k: getattr(s, k) for k in FLAGS}, "image_size": a.image_size, "full_length": a.full_length,
-                     "cache_implementation": gen_config.cache_implementation or "dynamic",
+                     "cache_implementation": a.cache_implementation or "dynamic",
                      "compile_decode": a.compile_decode},
         **counts, "prompt_tokens": P, "patches_per_image": patches, "steps_run": a.steps,
         **steps[-1],

@@ -44,7 +44,7 @@ def load_table(data: str, split: str = "train", columns: tuple = COLUMNS) -> tup
     authors' format, which is converted to them. Data that cannot be found or read, or lacks a column, stops here in
     one line (SystemExit, `read_dataset`)."""
     if data == "toy":
-        import toy
+        from plumbing import toy
         if split not in toy.SPLIT_SIZES:
             raise NoSplit(f"toy: no split {split!r}; it has {', '.join(toy.SPLIT_SIZES)}")
         return toy.toy_dataset(split), None, COLUMNS  # the same images whatever --seed: runs compare on one test split
