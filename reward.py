@@ -359,29 +359,15 @@ def accuracy_reward(response: str, answer: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- time
-# No response may stall training; math-verify's own timeouts use signal.alarm: whole seconds, one alarm per parse
-# and per verify, main thread only (ValueError elsewhere). Measured dangers: antlr's parse time doubles per nested
-# brace (0.2 s at depth 6, 2.4 s at 12); sympy spends seconds in ONE C-level big-int call that no signal can
-# interrupt (sqrt(10^2000 + 1): 1.5 s in a primality test; 10^{10^{10}}: forever); symbolic powers expand without
-# end ((x+y+z)^{99}, \cos(\pi/7)^{300}: > 8 s). Hence three layers:
+# No response may stall training. Some work cannot be interrupted (sympy's C-level big-integer arithmetic), antlr's
+# parse time doubles per nested brace, and math-verify's own timeouts (signal.alarm: whole seconds, main thread only)
+# are off. Hence three layers; an answer stopped by (1) or (2) scores 0:
 # (1) _too_costly() rejects, before parsing, long answers, deep brackets, factorials, sums, integrals...;
-# (2) _size() bounds, on the unevaluated tree parse() returns, the integers and terms sympy could build, so
-#     power towers and big powers never reach verify(); (1) and (2) answers score 0;
-# (3) budgeted() gives a check _BUDGET_S seconds of the main thread's own CPU time, with math-verify's own
-#     timeouts off: a timer of the process's CPU time (setitimer(ITIMER_PROF), SIGPROF) fires no later than the
-#     thread's budget is spent (the process's clock counts every thread, so it runs at least as fast); its handler,
-#     which Python runs in the main thread, reads that thread's clock (time.thread_time) and either sets the timer
-#     again for what is left or stops whatever pure-Python work is left. A kernel timer, not a watchdog thread: a
-#     thread would need the GIL to look at the clock, and a check deep in a long C call holds it. CPU time, not wall
-#     time: on a loaded machine a check waits longer for the CPU but uses no more of it, so load never turns a right
-#     answer into 0 (a wall-clock budget did: 0.53 s of 0.6 s seen). The thread's time, not the process's: torch,
-#     gloo or OpenMP threads busy beside the main thread do not shorten a check (with the process's time alone, a
-#     check given 0.6 s was cut after 0.47 s of its own, one torch thread busy beside it). The check's own work,
-#     not the garbage collector's: automatic collection is off while a check runs, since a full collection of a
-#     training process's heap landing in a check is charged to it (in the test process one took 0.52 s of CPU,
-#     and 3 of 15 fell inside checks: a right answer was cut to 0 under load).
-#     Signals exist in the main thread only (where the training loop calls us); in other threads only (1) and (2)
-#     hold, so nested trig/log simplifications there can take long.
+# (2) _size() bounds, on the unevaluated tree, the integers and terms sympy could build (power towers, big powers);
+# (3) budgeted(): _BUDGET_S seconds of the main thread's own CPU time, kept by a SIGPROF timer (a kernel timer: a
+#     watchdog thread would need the GIL that a long C call holds). CPU time, so a loaded machine never cuts a right
+#     answer short; the thread's own, so busy torch threads beside it do not; and not the garbage collector's, which
+#     is off during a check. Signals exist in the main thread only: elsewhere (1) and (2) alone hold.
 _MAX_CHARS, _MAX_DEPTH, _MAX_SIZE, _BUDGET_S = 200, 5, 2000, 0.6
 # A gold is data, read once per row and cached, and a gold cut short would silently zero the accuracy of every
 # response to its prompt: it gets a budget that only a pathological gold exhausts.
