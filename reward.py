@@ -7,7 +7,8 @@ The gold decides how an answer is checked (`parse_gold`, APO_SPEC §1 Decisions)
 - a letter A–I ("D", "(D)"): a multiple-choice gold, compared as a letter, exactly;
 - one mathematical value (a number, an expression, a set, a tuple, an interval, a matrix, an equation): math-verify's
   `verify`, after both sides are read whole as LaTeX. A relation needs a relation (a + b = 90 is not 90), unless its
-  left side names one quantity (k = 1, (p, q) = (3, 2), |AB| = 1, f(x) = 1): then the bare value states it;
+  left side names one quantity (k = 1, (p, q) = (3, 2), |AB| = 1, f(x) = 1) or a ratio of two (A:B = 1,
+  \\frac{NO}{BO} = \\frac{1}{\\sqrt{6}}): then the bare value states it;
 - anything else with words or relations that LaTeX cannot hold ("not enough information",
   "\\angle 1 \\cong \\angle 4"), or that reads as no value (12:00 as 12/0): normalized text, exactly. Such a gold is
   never read as a number, so no number can collide with it.
@@ -273,14 +274,24 @@ def _is_name(e) -> bool:
     return isinstance(e, Symbol)
 
 
+def _names_a_quantity(e) -> bool:
+    """A name (see _is_name) or a ratio of two (A:B, \\frac{NO}{BO}, V_1:V_2): a ratio asked for is one value too.
+    Not x/2, 1/x or x^2: a number in it makes it a formula, and x/2 = 3 is not 3."""
+    if isinstance(e, Mul) and len(e.args) == 2:
+        for num, den in (e.args, e.args[::-1]):
+            if isinstance(den, Pow) and den.exp == -1 and _is_name(den.base) and _is_name(num):
+                return True
+    return _is_name(e)
+
+
 def math_equal(gold, pred) -> bool:
     """Two math values are equal (math-verify's `verify`). A relation gold (a + b = 90, x < 60) needs a relation:
     math-verify would accept the bare number 90 for a + b = 90. Unless it names the quantity on its left
-    (k = 1, (p, q) = (3, 2)): then its right side is the value, and a bare value is compared with it."""
+    (k = 1, (p, q) = (3, 2), A:B = 1): then its right side is the value, and a bare value is compared with it."""
     if pred is None:
         return False
     if isinstance(gold, Relational) and not isinstance(pred, Relational):
-        if not (isinstance(gold, Eq) and _is_name(gold.lhs)):
+        if not (isinstance(gold, Eq) and _names_a_quantity(gold.lhs)):
             return False
         gold = gold.rhs
     return verify([gold], [pred], timeout_seconds=None)

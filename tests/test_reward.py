@@ -543,7 +543,8 @@ MATH_VERIFY_DIFFERENCES = [
     ("15", "x is about 15", True, 0.0, "an approximation in words states no value"),
     ("5", "The length is 5√2", True, 0.0, "the number before √ (the sentence rule reads 5√2 whole)"),
     ("k = 1", "1", True, 1.0, "agreed: the left side names the quantity, the bare value states it"),
-    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:32}$", True, 0.0, "a compound left side (a ratio) is part of the answer"),
+    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:32}$", True, 1.0, "agreed: a ratio of named quantities is one value"),
+    ("x/2 = 3", "3", True, 0.0, "a compound left side (a number in it) is part of the answer"),
     (r"$1 - \frac{1}{\mathrm{e}}$", r"$1 + \frac{1}{\mathrm{e}}$", True, 0.0,
      "math-verify reads both as 1 (its own test expects 1: a wrong answer paid); apo reads 1 - 1/e whole"),
 ]
@@ -670,7 +671,17 @@ def test_geo3k_sentences_score_the_right_choice_only():
     ("x_{1} = 3", "3", 1.0), ("x_{1} = 3", "4", 0.0), ("y = 2x + 3", "2x + 3", 1.0), ("y = 2x + 3", "3x + 2", 0.0),
     # a compound left side is part of the answer: the relation is needed
     ("a + b = 90", "90", 0.0), ("a + b = 90", "a + b = 90", 1.0), ("a + b = 90", "The answer is a + b = 90", 1.0),
-    ("2x = 10", "10", 0.0), ("x^2 = 4", "4", 0.0), ("A:B = 1", "1", 0.0), ("x < 60", "60", 0.0),
+    ("2x = 10", "10", 0.0), ("x^2 = 4", "4", 0.0), ("x/2 = 3", "3", 0.0), ("1/x = 2", "2", 0.0),
+    ("a/(b + c) = 2", "2", 0.0), ("x < 60", "60", 0.0),
+    # a ratio of two named quantities on the left is one value too: the bare value states it (1/√6 = √6/6)
+    ("A:B = 1", "1", 1.0), ("A:B = 1", "2", 0.0), ("A:B = 1", "A:B = 2", 0.0), ("AB/CD = 2", "2", 1.0),
+    ("AB/CD = 2", "1/2", 0.0), (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", r"$\frac{1}{\sqrt{6}}$", 1.0),
+    (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", r"\frac{\sqrt{6}}{6}", 1.0),
+    (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", r"\frac{1}{\sqrt{5}}", 0.0), (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", "√6", 0.0),
+    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:32}$", 1.0), ("$S_{MBCN}:S=7:32$", r"$\boxed{32:7}$", 0.0),
+    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:31}$", 0.0), ("$V_{1}:V_{2}=11:21$", "$11:21$", 1.0),
+    ("$V_{1}:V_{2}=11:21$", "11/21", 1.0), ("$V_{1}:V_{2}=11:21$", "$21:11$", 0.0), ("$$A:B=1$$", "$$1$$", 1.0),
+    ("$$A:B=1$$", "$$0$$", 0.0),
 ])
 def test_relation_golds(gold, pred, expected):
     assert accuracy_reward(R(pred), gold) == expected
