@@ -7,7 +7,8 @@ The gold decides how an answer is checked (`parse_gold`, APO_SPEC §1 Decisions)
 - a letter A–I ("D", "(D)"): a multiple-choice gold, compared as a letter, exactly;
 - one mathematical value (a number, an expression, a set, a tuple, an interval, a matrix, an equation): math-verify's
   `verify`, after both sides are read whole as LaTeX. A relation needs a relation (a + b = 90 is not 90), unless its
-  left side names one quantity (k = 1, (p, q) = (3, 2), |AB| = 1, f(x) = 1): then the bare value states it;
+  left side names one quantity (k = 1, (p, q) = (3, 2), |AB| = 1, f(x) = 1) or a ratio of two (A:B = 1,
+  \\frac{NO}{BO} = \\frac{1}{\\sqrt{6}}): then the bare value states it;
 - anything else with words or relations that LaTeX cannot hold ("not enough information",
   "\\angle 1 \\cong \\angle 4"), or that reads as no value (12:00 as 12/0): normalized text, exactly. Such a gold is
   never read as a number, so no number can collide with it.
@@ -15,8 +16,12 @@ A gold that is none of these is a data error, not a success: parse_gold gives No
 and skips the row (the authors' code gives reward 1.0).
 
 Answers are read the way models write them: unicode math (√3, 2√2/5, 8π, 3×10², 70°, −5, ½) is turned into LaTeX
-first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount, "28 percent" 28\\%, and a short sentence
-that states one value is read as that value ("The length is 5√3", "So x = 15.", "Area: 24 cm²"; see _COPULA).
+first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount, "28 percent" 28\\%, a short sentence
+that states one value is read as that value ("The length is 5√3", "So x = 15.", "Area: 24 cm²"; see _COPULA), so is
+an inequality, interval or set after a conclusion ("We find that x < 3", "Therefore x ≥ 5"; _CONCLUDES), values
+joined by "and" are a list ("1 and 2 and 3"; _joined), and a short remark after the value that justifies or affirms
+it is dropped ("15, since the angles are equal", "x ≥ 5 is the solution"; _REMARK): words only, no number, none that
+denies, corrects or changes the value, so "15, not 16" and "15 (plus one for the end)" are read as no value.
 The rule that keeps this safe: an answer is read whole or not at all. math-verify, when LaTeX fails, picks a number
 out of the text ("5√2" -> 5, "angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding
 a symbol this code does not translate, or a sentence with a number besides its value ("x is 15, so y is 3"). No
@@ -212,21 +217,77 @@ _NAMES = re.compile(r"\\(?:angle|measuredangle|triangle|odot|overline|widehat|ov
                     r"_\{?\w+\}?|'|\\(?:sin|cos|tan|cot|sec|csc|log|ln)\b|\\(?i:var)?(?i:alpha|beta|gamma|delta|"
                     r"epsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|pi|rho|sigma|tau|upsilon|phi|chi|psi|omega)\b")
 _LEAD = re.compile(r"[A-Za-z\s,.()|]*")  # a lead-in once its names are dropped: words, no digit, no operator
-# Lead-in words that deny or suppose what follows ("It is not true that x is 5", "If x is 5"): no value stated.
+# Lead-in words that deny, suppose or relate what follows to another quantity ("It is not true that x is 5", "If x
+# is 5", "The side is half of AB, which is 30"): no value of the answer stated.
 _NOT_STATED = {"not", "no", "never", "neither", "nor", "none", "if", "unless", "suppose", "assume", "assuming",
-               "without", "except", "than", "wrong", "incorrect", "false", "cannot"}
+               "whether", "without", "except", "than", "wrong", "incorrect", "false", "impossible", "cannot", "fail",
+               "fails", "failed", "half", "twice", "double", "triple", "times", "plus", "minus"}
+# Or a lead-in that ends in a conclusion, then the value whole with no copula: how an inequality, an interval or a
+# set is stated ("We find that x < 3", "Therefore x ≥ 5", "Thus [0, 9)"). Only after these words: "the square of
+# x > 4" is about x².
+_CONCLUDES = re.compile(r"(?i:\b(?:thus|therefore|hence|so|(?:find|found|get|obtain|have|conclude|see|follows|"
+                        r"means|gives|yields|implies)(?:\s+that)?))[\s,]*$")
+
+
+def _is_lead(lead: str) -> bool:
+    return bool(_LEAD.fullmatch(_NAMES.sub(" ", lead))) and not _NOT_STATED & set(re.findall(r"[a-z]+", lead.lower()))
 
 
 def _stated_value(sentence: str) -> str | None:
-    """The value a sentence states (see _COPULA), or None."""
+    """The value a sentence states (see _COPULA, _CONCLUDES), or None."""
     # \text{ is }: the words it wraps; ~ is a space; "isn't" denies
     sentence = _TEXT.sub(r"\1", sentence).replace("~", " ").replace("’", "'").replace("n't", " not")
     for copula in _COPULA.finditer(sentence):
-        lead, value = _NAMES.sub(" ", sentence[:copula.start()]), sentence[copula.end():].strip().rstrip(" .")
-        if _LEAD.fullmatch(lead) and not _NOT_STATED & set(re.findall(r"[a-z]+", lead.lower())) and value and \
-                not _has_words(value):
+        lead, value = sentence[:copula.start()], _joined(sentence[copula.end():].strip().rstrip(" ."))
+        if _is_lead(lead) and value and not _has_words(value):
             return value
+    for start in re.finditer(r"(?:^|(?<=[\s,]))\S", sentence):  # the longest end with no word, after a conclusion
+        lead, value = sentence[:start.start()], _joined(sentence[start.start():].strip())
+        if not _has_words(value):
+            return value if _CONCLUDES.search(lead) and _is_lead(lead) else None
     return None
+
+
+# Several values joined by "and" ("1 and 2 and 3", "6 \text{ and } 8", "1, 2, and 3", "p = 3 and q = 2"): a list, read
+# as "1, 2, 3" is. Only when no part holds a word ("x is 15 and y is 16" stays unread), and not "2 and 1/2" (5/2).
+_AND = re.compile(r"\s*,?\s*(?<![A-Za-z\\])and(?![A-Za-z])\s*")
+
+
+def _joined(text: str) -> str:
+    parts = _AND.split(re.sub(r"\\(?:text|mathrm|mbox)\s*\{\s*and\s*\}", " and ", text))
+    if len(parts) < 2 or not all(p.strip() and not _has_words(p) for p in parts) or \
+            re.search(r"\d\s+and\s+(?:\d+\s*/|\\frac)", text):
+        return text
+    return ", ".join(p.strip() for p in parts)
+
+
+# A value then a short remark that justifies or affirms it: "15, since the angles are equal", "15 (by the Pythagorean
+# theorem)", "x = 15. This is the answer.", "x ≥ 5 is the solution". The remark is dropped and the rest read as usual.
+# It is 12 words at most and nothing else (no number, no math: no second value). A justification holds no word that
+# denies, supposes, corrects, offers another value, changes this one or concludes anew ("15, not 16", "15, or more",
+# "15 (plus one for the end)", "15, since it is not 16", "AB = 15, from which the area follows"); an affirmation
+# only the words of one ("15. This is not the answer", "x = 15, which is the value of y" are no remarks).
+_REMARK = re.compile(r"(?i:(?:\s*[,;.]\s*|\s*(\()\s*)((?:since|because|by|using|from|via|this|that|which|it|is|are)"
+                     r"\b[A-Za-z\s,'’-]*?)|\s+((?:since|because|is|are)\b[A-Za-z\s,'’-]*?))\s*(\))?$")
+_JUSTIFIES = {"since", "because", "by", "using", "from", "via"}
+_CHANGES = _NOT_STATED | {"or", "but", "however", "although", "though", "instead", "rather", "wait", "actually",
+                          "either", "mistake", "error", "then", "which", "so", "thus", "hence", "therefore", "follows",
+                          "gives", "yields", "add", "subtract", "more", "less", "fewer", "other", "another", "squared",
+                          "cubed", "reciprocal", "inverse", "percent"} | set(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion".split())
+_AFFIRMS = {"this", "that", "which", "it", "it's", "that's", "is", "are", "the", "our", "my", "final", "only",
+            "answer", "answers", "solution", "solutions", "set", "result", "value", "required", "desired", "correct",
+            "exact"}
+
+
+def _without_remark(text: str) -> str:
+    m = _REMARK.search(text)
+    if not m or bool(m.group(1)) != bool(m.group(4)):  # a parenthesis opened is closed, and only then
+        return text
+    words = re.findall(r"[a-z]+(?:'s)?", (m.group(2) or m.group(3)).lower().replace("’", "'").replace("n't", " not"))
+    allowed = (lambda w: w not in _CHANGES) if words[0] in _JUSTIFIES else _AFFIRMS.__contains__
+    return text[:m.start()] if len(words) <= 12 and all(map(allowed, words)) else text
 
 
 def _as_latex(text: str) -> str | None:
@@ -235,7 +296,7 @@ def _as_latex(text: str) -> str | None:
     if not _is_readable(text):
         return None
     text = _ANSWER_PHRASE.sub("", _DELIMITERS.sub(" ", text).strip()).rstrip(" .")
-    text = _PERCENT.sub(r"\\%", text)
+    text = _joined(_without_remark(_PERCENT.sub(r"\\%", text)).rstrip(" ."))
     if _has_words(text):  # a sentence; else LaTeX would read "so 5 and 7" as a product of letters and a set
         text = _stated_value(text)
         if text is None:
@@ -273,14 +334,24 @@ def _is_name(e) -> bool:
     return isinstance(e, Symbol)
 
 
+def _names_a_quantity(e) -> bool:
+    """A name (see _is_name) or a ratio of two (A:B, \\frac{NO}{BO}, V_1:V_2): a ratio asked for is one value too.
+    Not x/2, 1/x or x^2: a number in it makes it a formula, and x/2 = 3 is not 3."""
+    if isinstance(e, Mul) and len(e.args) == 2:
+        for num, den in (e.args, e.args[::-1]):
+            if isinstance(den, Pow) and den.exp == -1 and _is_name(den.base) and _is_name(num):
+                return True
+    return _is_name(e)
+
+
 def math_equal(gold, pred) -> bool:
     """Two math values are equal (math-verify's `verify`). A relation gold (a + b = 90, x < 60) needs a relation:
     math-verify would accept the bare number 90 for a + b = 90. Unless it names the quantity on its left
-    (k = 1, (p, q) = (3, 2)): then its right side is the value, and a bare value is compared with it."""
+    (k = 1, (p, q) = (3, 2), A:B = 1): then its right side is the value, and a bare value is compared with it."""
     if pred is None:
         return False
     if isinstance(gold, Relational) and not isinstance(pred, Relational):
-        if not (isinstance(gold, Eq) and _is_name(gold.lhs)):
+        if not (isinstance(gold, Eq) and _names_a_quantity(gold.lhs)):
             return False
         gold = gold.rhs
     return verify([gold], [pred], timeout_seconds=None)
@@ -359,29 +430,15 @@ def accuracy_reward(response: str, answer: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- time
-# No response may stall training; math-verify's own timeouts use signal.alarm: whole seconds, one alarm per parse
-# and per verify, main thread only (ValueError elsewhere). Measured dangers: antlr's parse time doubles per nested
-# brace (0.2 s at depth 6, 2.4 s at 12); sympy spends seconds in ONE C-level big-int call that no signal can
-# interrupt (sqrt(10^2000 + 1): 1.5 s in a primality test; 10^{10^{10}}: forever); symbolic powers expand without
-# end ((x+y+z)^{99}, \cos(\pi/7)^{300}: > 8 s). Hence three layers:
+# No response may stall training. Some work cannot be interrupted (sympy's C-level big-integer arithmetic), antlr's
+# parse time doubles per nested brace, and math-verify's own timeouts (signal.alarm: whole seconds, main thread only)
+# are off. Hence three layers; an answer stopped by (1) or (2) scores 0:
 # (1) _too_costly() rejects, before parsing, long answers, deep brackets, factorials, sums, integrals...;
-# (2) _size() bounds, on the unevaluated tree parse() returns, the integers and terms sympy could build, so
-#     power towers and big powers never reach verify(); (1) and (2) answers score 0;
-# (3) budgeted() gives a check _BUDGET_S seconds of the main thread's own CPU time, with math-verify's own
-#     timeouts off: a timer of the process's CPU time (setitimer(ITIMER_PROF), SIGPROF) fires no later than the
-#     thread's budget is spent (the process's clock counts every thread, so it runs at least as fast); its handler,
-#     which Python runs in the main thread, reads that thread's clock (time.thread_time) and either sets the timer
-#     again for what is left or stops whatever pure-Python work is left. A kernel timer, not a watchdog thread: a
-#     thread would need the GIL to look at the clock, and a check deep in a long C call holds it. CPU time, not wall
-#     time: on a loaded machine a check waits longer for the CPU but uses no more of it, so load never turns a right
-#     answer into 0 (a wall-clock budget did: 0.53 s of 0.6 s seen). The thread's time, not the process's: torch,
-#     gloo or OpenMP threads busy beside the main thread do not shorten a check (with the process's time alone, a
-#     check given 0.6 s was cut after 0.47 s of its own, one torch thread busy beside it). The check's own work,
-#     not the garbage collector's: automatic collection is off while a check runs, since a full collection of a
-#     training process's heap landing in a check is charged to it (in the test process one took 0.52 s of CPU,
-#     and 3 of 15 fell inside checks: a right answer was cut to 0 under load).
-#     Signals exist in the main thread only (where the training loop calls us); in other threads only (1) and (2)
-#     hold, so nested trig/log simplifications there can take long.
+# (2) _size() bounds, on the unevaluated tree, the integers and terms sympy could build (power towers, big powers);
+# (3) budgeted(): _BUDGET_S seconds of the main thread's own CPU time, kept by a SIGPROF timer (a kernel timer: a
+#     watchdog thread would need the GIL that a long C call holds). CPU time, so a loaded machine never cuts a right
+#     answer short; the thread's own, so busy torch threads beside it do not; and not the garbage collector's, which
+#     is off during a check. Signals exist in the main thread only: elsewhere (1) and (2) alone hold.
 _MAX_CHARS, _MAX_DEPTH, _MAX_SIZE, _BUDGET_S = 200, 5, 2000, 0.6
 # A gold is data, read once per row and cached, and a gold cut short would silently zero the accuracy of every
 # response to its prompt: it gets a budget that only a pathological gold exhausts.

@@ -543,7 +543,14 @@ MATH_VERIFY_DIFFERENCES = [
     ("15", "x is about 15", True, 0.0, "an approximation in words states no value"),
     ("5", "The length is 5√2", True, 0.0, "the number before √ (the sentence rule reads 5√2 whole)"),
     ("k = 1", "1", True, 1.0, "agreed: the left side names the quantity, the bare value states it"),
-    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:32}$", True, 0.0, "a compound left side (a ratio) is part of the answer"),
+    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:32}$", True, 1.0, "agreed: a ratio of named quantities is one value"),
+    ("x/2 = 3", "3", True, 0.0, "a compound left side (a number in it) is part of the answer"),
+    ("16", "15, not 16", True, 0.0, "math-verify takes the denied number; a remark with a number is no remark"),
+    ("15", "15 (plus one for the endpoint)", True, 0.0, "a remark that changes the value is no remark"),
+    ("30", "The side is half of AB, which is 30", True, 0.0, "30 is AB's length, not the side's"),
+    (r"x \ge 5", r"We cannot conclude that $x \geq 5$", True, 0.0, "math-verify reads the relation denied"),
+    ("15", "15, since the angles are equal", True, 1.0, "agreed: a justification after the value"),
+    ("1, 2, 3", "1 and 2 and 3", False, 1.0, "math-verify reads no list joined by and; apo the set {1, 2, 3}"),
     (r"$1 - \frac{1}{\mathrm{e}}$", r"$1 + \frac{1}{\mathrm{e}}$", True, 0.0,
      "math-verify reads both as 1 (its own test expects 1: a wrong answer paid); apo reads 1 - 1/e whole"),
 ]
@@ -631,11 +638,108 @@ def test_a_sentence_that_states_one_value(gold, pred, expected):
     "x is about 15", "The length is approximately 15", "The length is ≈ 15", "x is less than 15",
     "The length is at least 15", "15 is the length", "The length is 15 because x is 3", "x is 15 if y is 3",
     "The side is half of 30", "Note: 15 or 3",
+    # a remark after the value that denies, corrects, offers another value or changes this one
+    "15, not 16", "15, or maybe 16", "15 (or 16)", "15, or more", "15, since it is not 16", "15, since 16 is too big",
+    "15. This is not the answer.", "15, which is wrong", "15 (but wait)", "15 (plus one for the endpoint)",
+    "15, since we add one more", "x = 15 (by symmetry, then double it)", "x = 15, which is the value of y",
+    "15 is the answer to part 2", "15 (by the theorem", "15, because the correct answer is sixteen", "15 (by mistake)",
+    "The area is 15, since the base is five and the height is three.",  # number words are numbers too
+    "15 was the answer, but it is 16", "15 is the answer?",
+    # a lead-in that relates the value to another quantity, or doubts it
+    "The side is half of AB, which is 30", "The answer is twice that: 15", "We fail to find that x is 15",
 ])
 def test_a_sentence_without_one_stated_value_is_unreadable(pred):
-    """Two values, a denied, supposed, bounded or approximate one, a value before its words: no value is read."""
+    """Two values, a denied, supposed, bounded or approximate one, a value before its words, a remark that denies,
+    corrects or changes it, a lead-in that relates it to another quantity: no value is read."""
     for gold in ("15", "3", "16", "30"):
         assert accuracy_reward(R(pred), gold) == 0.0, (pred, gold)
+
+
+# --- answers written another way: a remark after the value, a relation in a sentence, "and" between values -------
+# A value then a short remark that justifies ("since …", "because …", "by …", "using …", "from …") or affirms
+# it ("This is the answer", "which is the final answer", "is the solution"): the remark is dropped. Each right answer
+# beside the same sentence with another value (0).
+@pytest.mark.parametrize("gold, pred, expected", [
+    ("15", "15, since the angles are equal", 1.0), ("15", "16, since the angles are equal", 0.0),
+    ("15", "15 since the angles are equal", 1.0), ("15", "51 since the angles are equal", 0.0),
+    ("15", "15 (by the Pythagorean theorem)", 1.0), ("15", "16 (by the Pythagorean theorem)", 0.0),
+    ("15", "x = 15. This is the answer.", 1.0), ("15", "x = 16. This is the answer.", 0.0),
+    ("15", "x = 15, which is the final answer.", 1.0), ("15", "x = 1.5, which is the final answer.", 0.0),
+    ("15", "15, that's the answer", 1.0), ("15", "15 is the answer", 1.0), ("15", "16 is the answer", 0.0),
+    ("15", "The length is 15 cm, since AB is a diameter.", 1.0),
+    ("16", "The length is 15 cm, since AB is a diameter.", 0.0),
+    ("15", "15 (from the figure)", 1.0), ("15", "15, using the law of cosines", 1.0),
+    ("15", "15, using the law of sines", 1.0), ("14", "15, using the law of cosines", 0.0),
+    (r"5 \sqrt { 3 }", "5√3, by the Pythagorean theorem", 1.0),
+    (r"5 \sqrt { 3 }", "5√2, by the Pythagorean theorem", 0.0),
+    ("5", "5√2, by the Pythagorean theorem", 0.0), ("x = 15", "So x = 15, because the triangle is isosceles.", 1.0),
+    ("x = 15", "So x = 16, because the triangle is isosceles.", 0.0),
+    # a justification that denies anything is not read: a miss, never a wrong value
+    ("15", "15, since it isn't negative", 0.0),
+])
+def test_a_value_followed_by_a_short_remark(gold, pred, expected):
+    assert accuracy_reward(R(pred), gold) == expected
+
+
+# An inequality, interval or set stated in a sentence: after a lead-in that concludes ("Therefore", "Thus", "Hence",
+# "So", "We find that", "we get", "This gives", ...) and before an affirming remark. Math-Verify's own cases first.
+@pytest.mark.parametrize("gold, pred, expected", [
+    ("$x >= 5$", r"Therefore $x \geq 5$ is the solution.", 1.0),
+    ("$x >= 5$", r"Therefore $x \geq 6$ is the solution.", 0.0),
+    ("$x >= 5$", r"Therefore $x \leq 5$ is the solution.", 0.0), ("$x < 3$", r"We find that $x \lt 3$.", 1.0),
+    ("$x < 3$", r"We find that $x \gt 3$.", 0.0), ("$x < 3$", r"We find that $x \lt 4$.", 0.0),
+    (r"$x \leq 2$", "Thus $x <= 2$ is our answer.", 1.0), (r"$x \leq 2$", "Thus $x < 2$ is our answer.", 0.0),
+    ("$x > 5$", r"Therefore $x \gt 5$ is the solution.", 1.0),
+    ("$x > 5$", r"Therefore $x \geq 5$ is the solution.", 0.0),
+    ("$x != 3$", r"We find that $x \neq 3$.", 1.0), ("$x != 3$", r"We find that $x \neq -3$.", 0.0),
+    ("x < 3", "Hence x < 3, since f is increasing.", 1.0), ("x < 3", "Hence x > 3, since f is increasing.", 0.0),
+    ("x < 3", "So we get x < 3", 1.0), ("x < 3", "So we get 3 < x", 0.0), ("a + b = 90", "So a + b = 90", 1.0),
+    ("a + b = 90", "So a + b = 91", 0.0), ("a + b = 90", "So a = 90", 0.0),
+    # intervals and sets
+    ("[0, 9)", "Thus $[0, 9)$ is the solution set.", 1.0), ("[0, 9)", "Thus $(0, 9)$ is the solution set.", 0.0),
+    ("(-6, 10)", r"We find that $x \in (-6, 10)$.", 1.0), ("(-6, 10)", r"We find that $x \in (-6, 11)$.", 0.0),
+    (r"x \in (-6, 10)", r"We find that $x \in (-6, 10)$.", 1.0), ("(-6, 10)", "The solution set is $(-6, 10)$.", 1.0),
+    ("(-6, 10)", "The solution set is $[-6, 10]$.", 0.0), (r"\{1, 2\}", r"Hence the solutions are $\{1, 2\}$.", 1.0),
+    (r"\{1, 2\}", r"Hence the solutions are $\{1, 3\}$.", 0.0), (r"\{1, 2\}", r"This gives $x \in \{1, 2\}$", 1.0),
+    (r"\{1, 2\}", r"This gives $x \in \{2, 3\}$", 0.0),
+    # not stated: denied, supposed, doubted, or about another quantity (x² ≥ 5 is not x ≥ 5)
+    ("x >= 5", r"$x \geq 5$ is not the solution.", 0.0), ("x >= 5", r"Therefore $x \geq 5$ is false.", 0.0),
+    ("x >= 5", r"If $x \geq 5$", 0.0), ("x >= 5", r"Check that $x \geq 5$", 0.0),
+    ("x >= 5", r"We cannot conclude that $x \geq 5$", 0.0), ("x >= 5", r"We fail to find that $x \geq 5$", 0.0),
+    ("x >= 5", "The square of x ≥ 5", 0.0), ("x >= 5", "It is not true, so x ≥ 5", 0.0),
+    ("x >= 5", r"We have $x \geq 5$ or $x \leq -5$", 0.0), ("x < 3", "We choose k so that x < 3", 0.0),
+    ("x < 3", "We choose k such that x < 3", 0.0), ("x < 3", "For y < 3, we get x < 3", 0.0),
+    ("x < 3", "Therefore the answer is not x < 3", 0.0), ("x >= 5", r"We see that $x \geq 5$ fails", 0.0),
+    ("5", "Therefore 5 is not the answer", 0.0), ("5", "Therefore 5 is the answer", 1.0),
+])
+def test_an_inequality_interval_or_set_stated_in_a_sentence(gold, pred, expected):
+    assert accuracy_reward(R(pred), gold) == expected
+
+
+# Several values joined by "and" or commas, in any order when the gold is a set: read as the list "1, 2, 3" is.
+# Math-Verify's own cases first (numina, open-thoughts), each beside a wrong value.
+@pytest.mark.parametrize("gold, pred, expected", [
+    ("$1$ and $2$ and $3$", r"$\boxed{1,2,3}$", 1.0), ("$1$ and $2$ and $3$", r"$\boxed{3,2,1}$", 1.0),
+    ("$1$ and $2$ and $3$", r"$\boxed{1,2}$", 0.0), ("$1$ and $2$ and $3$", r"$\boxed{1,2,4}$", 0.0),
+    ("$1$ and $2$ and $3$", "1, 2, and 3", 1.0), ("$1$ and $2$ and $3$", "3 and 1 and 2", 1.0),
+    ("$1$ and $2$ and $3$", "1 and 2 and 4", 0.0),
+    (r"\(\boxed{1}\) and \(\boxed{-2}\).", r"$\boxed{-2,1}$.", 1.0),
+    (r"\(\boxed{1}\) and \(\boxed{-2}\).", r"$\boxed{2,1}$.", 0.0),
+    (r"\(\boxed{6 \text{ and } 8}\)", r"$\boxed{6,8}$", 1.0), (r"\(\boxed{6 \text{ and } 8}\)", r"$\boxed{6,9}$", 0.0),
+    (r"\(\boxed{6 \text{ and } 8}\)", "8 and 6", 1.0), (r"$$6 \text{ and } 8$$", r"$$\boxed{6 \text{ and } 8}$$", 1.0),
+    (r"$$6 \text{ and } 8$$", r"$$\boxed{6 \text{ and } 7}$$", 0.0),
+    (r"\n\n\[ \boxed{p = -1 \text{ and } p = \dfrac{15}{8}} \]", r"$p=-1,p=\frac{15}{8}$", 1.0),
+    (r"\n\n\[ \boxed{p = -1 \text{ and } p = \dfrac{15}{8}} \]", r"$p=1,p=\frac{15}{8}$", 0.0),
+    (r"$$(5, 8), (8, 5)$$", r"$$\boxed{(x, y) = (5, 8) \quad \text{and} \quad (8, 5)}$$", 1.0),
+    (r"$$(5, 8), (8, 5)$$", r"$$\boxed{(x, y) = (5, 8) \quad \text{and} \quad (8, 6)}$$", 0.0),
+    ("1, 2", "The solutions are 1 and 2.", 1.0), ("1, 2", "The solutions are 2 and 1.", 1.0),
+    ("1, 2", "The solutions are 1 and 3.", 0.0), ("1", "The solutions are 1 and 2.", 0.0),
+    ("(p, q) = (3, 2)", "p = 3 and q = 2", 1.0), ("(p, q) = (3, 2)", "p = 2 and q = 3", 0.0),
+    ("(1, 2)", "1 and 2", 1.0), ("(1, 2)", "2 and 1", 0.0),  # a tuple keeps its order
+    ("5/2", "2 and 1/2", 0.0), ("2, 1/2", "2 and 1/2", 0.0),  # a mixed number in words is no list (nor read as 5/2)
+])
+def test_several_answers_joined_by_and_or_commas(gold, pred, expected):
+    assert accuracy_reward(R(pred), gold) == expected
 
 
 def test_geo3k_sentences_score_the_right_choice_only():
@@ -670,7 +774,17 @@ def test_geo3k_sentences_score_the_right_choice_only():
     ("x_{1} = 3", "3", 1.0), ("x_{1} = 3", "4", 0.0), ("y = 2x + 3", "2x + 3", 1.0), ("y = 2x + 3", "3x + 2", 0.0),
     # a compound left side is part of the answer: the relation is needed
     ("a + b = 90", "90", 0.0), ("a + b = 90", "a + b = 90", 1.0), ("a + b = 90", "The answer is a + b = 90", 1.0),
-    ("2x = 10", "10", 0.0), ("x^2 = 4", "4", 0.0), ("A:B = 1", "1", 0.0), ("x < 60", "60", 0.0),
+    ("2x = 10", "10", 0.0), ("x^2 = 4", "4", 0.0), ("x/2 = 3", "3", 0.0), ("1/x = 2", "2", 0.0),
+    ("a/(b + c) = 2", "2", 0.0), ("x < 60", "60", 0.0),
+    # a ratio of two named quantities on the left is one value too: the bare value states it (1/√6 = √6/6)
+    ("A:B = 1", "1", 1.0), ("A:B = 1", "2", 0.0), ("A:B = 1", "A:B = 2", 0.0), ("AB/CD = 2", "2", 1.0),
+    ("AB/CD = 2", "1/2", 0.0), (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", r"$\frac{1}{\sqrt{6}}$", 1.0),
+    (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", r"\frac{\sqrt{6}}{6}", 1.0),
+    (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", r"\frac{1}{\sqrt{5}}", 0.0), (r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", "√6", 0.0),
+    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:32}$", 1.0), ("$S_{MBCN}:S=7:32$", r"$\boxed{32:7}$", 0.0),
+    ("$S_{MBCN}:S=7:32$", r"$\boxed{7:31}$", 0.0), ("$V_{1}:V_{2}=11:21$", "$11:21$", 1.0),
+    ("$V_{1}:V_{2}=11:21$", "11/21", 1.0), ("$V_{1}:V_{2}=11:21$", "$21:11$", 0.0), ("$$A:B=1$$", "$$1$$", 1.0),
+    ("$$A:B=1$$", "$$0$$", 0.0),
 ])
 def test_relation_golds(gold, pred, expected):
     assert accuracy_reward(R(pred), gold) == expected
