@@ -11,6 +11,12 @@ A rollout batch is a plain dict of tensors, N = B·G responses, P = prompt lengt
     image_counts    [N]        images per sample (1 in training: I = N; up to 7 for an MMMU question)
     response_mask   [N, T]     1 on response tokens up to and including the first EOS
     prompt_len      int        P
+    prompt_index    [N]        the prompt each response answers (its group)
+    prompt_positions [N, 3, P] the prompt's M-RoPE positions (temporal, height, width; 0 on padding)
+    image_features  list [N]   only when the vision tower is frozen (LoRA): each response's prompt's image features
+
+The log-prob passes forward these either as they are, a row per response with its own copy of the prompt and
+image, or with each prompt once per group (`shared_rows`, the default): the same numbers, fewer tokens.
 """
 
 import copy
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from qwen_vl_utils import fetch_image
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.generation.logits_process import TopPLogitsWarper
 
 INSTRUCTION = ("First think through the problem step by step inside <think> </think>, "
@@ -184,7 +191,6 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
         # slowest; parallel.full_weights gathers the whole weights first, so no rank needs another during decoding.
         chunks.append(model.generate(**part, generation_config=config, logits_processor=sampler,
                                      synced_gpus=False)[:, prompt_len:].cpu())
-    model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     response_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=gen_config.pad_token_id) for c in chunks])
 
@@ -198,10 +204,31 @@ def sample_responses(model, processor, prompts: dict, group_size: int, gen_confi
         attention_mask=torch.cat([batch["attention_mask"], response_mask], 1),
         mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response_ids)], 1),
         response_ids=response_ids, response_mask=response_mask, lengths=response_mask.sum(-1), truncated=truncated,
-        prompt_len=prompt_len,
+        prompt_len=prompt_len, prompt_index=torch.arange(n_prompts).repeat_interleave(group_size),
         texts=processor.batch_decode([r[m.bool()] for r, m in zip(response_ids, response_mask)],
                                      skip_special_tokens=True))
+    # For the log-prob passes: the prompts' M-RoPE positions, computed here once and given explicitly (the model's
+    # own cache of them, rope_deltas, belongs to the last generate call), and, where the vision tower is frozen (LoRA
+    # without --lora-vision), the images' features: the same in the old-policy, reference and update passes.
+    vl = vision_language_model(model)
+    prompt_positions, _ = vl.get_rope_index(prompts["input_ids"].to(device), prompts["mm_token_type_ids"].to(device),
+                                            prompts["image_grid_thw"].to(device),
+                                            attention_mask=prompts["attention_mask"].to(device))
+    batch["prompt_positions"] = prompt_positions.transpose(0, 1).cpu()[batch["prompt_index"]] * \
+        prompts["attention_mask"][batch["prompt_index"], None]                           # [N, 3, P]
+    if not any(p.requires_grad for p in vl.visual.parameters()):
+        features = vl.get_image_features(prompts["pixel_values"].to(device),
+                                         prompts["image_grid_thw"].to(device)).pooler_output   # one per image
+        first_image = [0, *prompts["image_counts"].cumsum(0).tolist()]
+        batch["image_features"] = [features[first_image[i]:first_image[i + 1]] for i in batch["prompt_index"]]
+    model.train(was_training)
     return batch
+
+
+def vision_language_model(model):
+    """The Qwen2_5_VLModel inside `model` (a plain model, LoRA's PeftModel, FSDP2's, the adapters-off reference)."""
+    model = getattr(model, "policy", model)  # models.AdaptersOff
+    return next(m for m in model.modules() if hasattr(m, "get_rope_index"))
 
 
 @torch.no_grad()
@@ -234,28 +261,104 @@ def _token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets:
     return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 
-def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int = 1024):
-    """Per-token log-probs and entropies of the response tokens under `model`: ([n, T], [n, T]).
+def shared_rows(batch: dict, dtype) -> tuple:
+    """The layout that forwards each prompt once per group: one row per prompt of `batch`, the prompt (its left
+    padding dropped) and then each of its responses in the batch, up to its EOS, side by side: [P | R1 | … | Rk],
+    right-padded to the longest row. Exact, because of three things:
+    - a 4D attention mask lets each response see the prompt and its own past, never another response;
+    - explicit M-RoPE position ids: each response starts at the prompt's last position + 1, on all three axes, as
+      it did when it was sampled;
+    - the token o_t of a response is predicted by the hidden state before it in *its* segment: the first one by the
+      prompt's last position (not by the end of the response before it).
+    Returns the model's inputs ([R, L] rows, [R, 1, L, L] mask, [3, R, L] positions, the rows' images) and, for
+    every response token (response by response, in the order of `batch`), its row, the row position whose hidden
+    state predicts it, and the token itself: [M] each, M = the batch's response tokens."""
+    P, lengths = batch["prompt_len"], batch["response_mask"].sum(-1).tolist()
+    groups = {}                                         # prompt -> the batch's rows holding its responses
+    for i, prompt in enumerate(batch["prompt_index"].tolist()):
+        groups.setdefault(prompt, []).append(i)
+    rows, positions, segments = [], [], []
+    where = [None] * len(lengths)                       # per response: (row, the positions predicting its tokens)
+    for r, members in enumerate(groups.values()):
+        keep = batch["attention_mask"][members[0], :P].bool()
+        prompt = batch["input_ids"][members[0], :P][keep]                             # [P_r]
+        prompt_positions = batch["prompt_positions"][members[0]][:, keep]             # [3, P_r]
+        start, offset = int(prompt_positions.max()) + 1, len(prompt)
+        tokens, pos, seg = [prompt], [prompt_positions], [torch.zeros(len(prompt), dtype=torch.long)]
+        for j, i in enumerate(members, 1):
+            n = lengths[i]
+            tokens.append(batch["input_ids"][i, P:P + n])
+            pos.append((start + torch.arange(n)).expand(3, n))
+            seg.append(torch.full((n,), j))
+            where[i] = (r, torch.cat([torch.tensor([len(prompt) - 1]), torch.arange(offset, offset + n - 1)]))
+            offset += n
+        rows.append(torch.cat(tokens))
+        positions.append(torch.cat(pos, 1))
+        segments.append(torch.cat(seg))
+    L = max(len(row) for row in rows)
+    pad = lambda x, value: F.pad(x, (0, L - x.shape[-1]), value=value)  # noqa: E731
+    input_ids = torch.stack([pad(row, 0) for row in rows])                            # [R, L]
+    segment = torch.stack([pad(s, -1) for s in segments])                             # [R, L], -1: padding
+    q, k = segment[:, :, None], segment[:, None, :]                                   # query, key: [R, L, 1], [R, 1, L]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))      # the prompt, and the query's own response so far
+    allowed |= torch.eye(L, dtype=torch.bool) & (q < 0)      # padding sees itself (no row of the softmax empty)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    firsts = [members[0] for members in groups.values()]
+    images = select({k: batch[k] for k in ("input_ids", "pixel_values", "image_grid_thw", "image_counts")
+                     if k in batch}, firsts)
+    inputs = {"input_ids": input_ids, "attention_mask": mask,
+              "position_ids": torch.stack([pad(p, 0) for p in positions], 1)}                # [3, R, L]
+    if "image_features" in batch:  # a frozen vision tower: its features, computed once per rollout
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+            pooler_output=[f for i in firsts for f in batch["image_features"][i]])}
+    else:
+        inputs.update(pixel_values=images["pixel_values"], image_grid_thw=images["image_grid_thw"])
+    token_row = torch.cat([torch.full((lengths[i],), where[i][0]) for i in range(len(lengths))])
+    token_position = torch.cat([where[i][1] for i in range(len(lengths))])
+    targets = torch.cat([batch["input_ids"][i, P:P + lengths[i]] for i in range(len(lengths))])
+    return inputs, token_row, token_position, targets
 
-    One forward over prompt + response. `mm_token_type_ids` must be passed: it is what lets the model rebuild the
-    3D rotary positions of the image tokens; without it the positions differ from those used during generation and
-    the log-probs drift. The vocabulary projection runs in chunks of `chunk_tokens` positions, each recomputed
-    during backward (activation checkpointing), so fp32 logits exist for one chunk at a time, never for the whole
-    micro-batch (151,936 × tokens × 4 bytes).
+
+def _token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """log π(target) and the entropy of π, for a chunk of positions: hidden [n, H], targets [n] -> [n], [n]."""
+    # [n, V] fp32, the sampling distribution at T; one expression, so that the logits die once normalized
+    logp_all = ((hidden @ lm_head_weight.T).float() / temperature).log_softmax(-1)
+    with torch.no_grad():  # for logging only: no graph; einsum contracts without an [n, V] product temporary
+        entropy = -torch.einsum("nv,nv->n", logp_all.exp(), logp_all)  # H = −Σ_v π_v·log π_v, [n]
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int = 1024, share_prompt: bool = True):
+    """Per-token log-probs and entropies of the response tokens under `model`: ([n, T], [n, T]), 0 after a
+    response's EOS.
+
+    One forward: with `share_prompt`, of each prompt once with its responses behind it (`shared_rows`); else of
+    each response with its own copy of the prompt and image, where `mm_token_type_ids` is what lets the model
+    rebuild the 3D rotary positions of the image tokens (without it the log-probs drift from those of sampling).
+    Only response positions are projected through the vocabulary, in chunks of `chunk_tokens` positions, each
+    recomputed during backward (activation checkpointing), so fp32 logits exist for one chunk at a time, never for
+    the whole micro-batch (151,936 × tokens × 4 bytes).
     """
     device, P = model.device, batch["prompt_len"]
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+    mask = batch["response_mask"].bool()                                     # [n, T]
     # The model's own forward, so that FSDP2 (parallel.py) gathers its outermost weights (embeddings, final norm),
     # but with no logits (logits_to_keep: none): the last hidden state, after the final norm, is projected below.
     none = torch.zeros(0, dtype=torch.long, device=device)
-    hidden = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True).hidden_states[-1]
-    hidden = hidden[:, P - 1:-1]                                       # position t predicts token t+1: [n, T, H]
-    targets = inputs["input_ids"][:, P:]                               # [n, T]
-    n, T, H = hidden.shape
-    flat_hidden, flat_targets = hidden.reshape(n * T, H), targets.reshape(n * T)
+    if share_prompt:
+        inputs, token_row, token_position, targets = shared_rows(batch, model.lm_head.weight.dtype)
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        hidden = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True).hidden_states[-1]
+        flat_hidden = hidden[token_row.to(device), token_position.to(device)]         # [M, H]: response tokens
+        flat_targets = targets.to(device)
+    else:
+        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+        hidden = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True).hidden_states[-1]
+        hidden = hidden[:, P - 1:-1]                                 # position t predicts token t+1: [n, T, H]
+        flat_hidden, flat_targets = hidden[mask.to(device)], inputs["input_ids"][:, P:][mask.to(device)]  # [M, H]
     weight = model.lm_head.weight
     logps, entropies = [], []
-    for start in range(0, n * T, chunk_tokens):
+    for start in range(0, flat_hidden.shape[0], chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled():
             lp, ent = checkpoint(_token_logprobs, flat_hidden[piece], weight, flat_targets[piece], temperature,
@@ -264,14 +367,20 @@ def response_logprobs(model, batch: dict, temperature: float, chunk_tokens: int 
             lp, ent = _token_logprobs(flat_hidden[piece], weight, flat_targets[piece], temperature)
         logps.append(lp)
         entropies.append(ent)
-    return torch.cat(logps).view(n, T), torch.cat(entropies).view(n, T)
+    out = []
+    for values in (torch.cat(logps), torch.cat(entropies)):     # [M] -> [n, T], row by row as the mask reads
+        full = torch.zeros(mask.shape, dtype=values.dtype, device=device)
+        out.append(full.masked_scatter(mask.to(device), values))
+    return out[0], out[1]
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, temperature: float, micro_batch_size: int, chunk_tokens: int = 1024):
-    """`response_logprobs` over a whole rollout batch, `micro_batch_size` sequences at a time: ([N, T], [N, T])."""
+def batched_logprobs(model, batch: dict, temperature: float, micro_batch_size: int, chunk_tokens: int = 1024,
+                     share_prompt: bool = True):
+    """`response_logprobs` over a whole rollout batch, `micro_batch_size` responses at a time (in order, so that a
+    group's responses share micro-batches): ([N, T], [N, T])."""
     N, T = batch["response_mask"].shape
     parts = [response_logprobs(model, select(batch, list(range(s, min(s + micro_batch_size, N)))), temperature,
-                               chunk_tokens) for s in range(0, N, micro_batch_size)]
+                               chunk_tokens, share_prompt) for s in range(0, N, micro_batch_size)]
     # select() drops the columns that are padding for all of its rows: pad each part back to T (masked positions)
     return tuple(torch.cat([F.pad(p[i], (0, T - p[i].shape[1])) for p in parts]).cpu() for i in (0, 1))

@@ -188,8 +188,8 @@ def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: i
         batch = dict(prompts, input_ids=torch.cat([prompts["input_ids"], target_ids], 1),
                      attention_mask=torch.cat([prompts["attention_mask"], mask], 1),
                      mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(mask)], 1),
-                     prompt_len=prompts["input_ids"].shape[1])
-        logp, _ = rollout.response_logprobs(model, batch, temperature=1.0)
+                     prompt_len=prompts["input_ids"].shape[1], response_mask=mask)
+        logp, _ = rollout.response_logprobs(model, batch, temperature=1.0, share_prompt=False)
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()

@@ -49,8 +49,11 @@ def make_batch(model, processor) -> dict:
 
 
 def args_for(options: dict) -> apo.Args:
+    """The settings of a test; `share`: False for the single-process route, which forwards a copy of the prompt per
+    response (the reference layout) where the ranks share each prompt (the default)."""
     return apo.parse_args(["--micro-batch-size", str(options.get("micro", 3)), "--mini-batch-size", "8",
-                           "--loss-agg", options.get("agg", "token"), "--lr", "1e-3", "--kl-beta", "0.1"])
+                           "--loss-agg", options.get("agg", "token"), "--lr", "1e-3", "--kl-beta", "0.1"]
+                          + ([] if options.get("share", True) else ["--no-share-prompt"]))
 
 
 def weights_digest(model) -> str:

@@ -60,12 +60,55 @@ def test_the_reference_is_the_base_model_with_the_adapters_off(tiny_model_dir, b
     got, _ = rollout.batched_logprobs(reference, batch, 1.0, 3)
     assert torch.equal(got, expected)
     assert policy.training  # back in training mode, for the update
-    assert torch.equal(rollout.batched_logprobs(reference, batch, 1.0, 8)[0], expected)  # no dropout acted
+    assert torch.equal(rollout.batched_logprobs(reference, batch, 1.0, 8)[0],  # no dropout acted
+                       rollout.batched_logprobs(base, batch, 1.0, 8)[0])
     mask = batch["response_mask"].bool()
     assert not torch.allclose(rollout.batched_logprobs(policy, batch, 1.0, 3)[0][mask], expected[mask], atol=1e-3)
     assert reference.policy is policy and not list(vars(reference).keys() - {"policy"})  # no second copy
     logp, _ = rollout.response_logprobs(reference, rollout.select(batch, [0, 1]), 1.0)  # gradients enabled here
     assert not logp.requires_grad
+
+
+def test_a_frozen_vision_tower_runs_once_per_rollout_for_the_same_numbers(tiny_model_dir):
+    """LoRA without --lora-vision: the rollout keeps the images' features, and the log-prob passes (the policy, the
+    reference with its adapters off, the update) use them instead of running the tower again: the same log-probs
+    and adapter gradients as a copy of the prompt and image per response. With --lora-vision the tower has
+    adapters that move: nothing is kept."""
+    from PIL import Image
+    policy, reference, processor = models.load_models(str(tiny_model_dir), None, True, False, False,
+                                                      torch.float32, CPU, lora=lora())
+    trained_as_if(policy)
+    prompts = rollout.encode_prompts(processor, [Image.new("RGB", (56, 84), c) for c in ("red", "blue")],
+                                     ["Find x.", "How many sides?"], 784, 3136)
+    config = rollout.generation_config(processor, 6, 1.0, 1.0)
+    rolled = rollout.sample_responses(policy, processor, prompts, 4, config, seed=(1, 0))
+    merged = int(prompts["image_grid_thw"][0].prod()) // 4  # image tokens: 2 × 2 patches merge into one
+    assert len(rolled["image_features"]) == 8 and rolled["image_features"][0][0].shape[0] == merged
+    tower_runs = []
+    hook = policy.get_base_model().model.visual.register_forward_hook(lambda *_: tower_runs.append(1))
+    mask = rolled["response_mask"].bool()
+    for model in (policy, reference):
+        shared, _ = rollout.batched_logprobs(model, rolled, 1.0, 3)
+        assert not tower_runs  # (the features kept by the rollout)
+        alone, _ = rollout.batched_logprobs(model, rolled, 1.0, 3, share_prompt=False)
+        assert len(tower_runs) == 3  # (a copy of each image per response, in each of 3 micro-batches)
+        tower_runs.clear()
+        assert (shared - alone)[mask].abs().max() < 2e-6
+    hook.remove()
+    rolled.update(advantages=torch.randn(8, generator=torch.Generator().manual_seed(2)), kl_weights=torch.rand(8),
+                  ref_logp=rollout.batched_logprobs(reference, rolled, 1.0, 8)[0])
+    grads = []
+    for share in (True, False):
+        args = apo.parse_args(["--micro-batch-size", "3", "--kl-beta", "0.1", "--group-size", "4"]
+                              + ([] if share else ["--no-share-prompt"]))
+        minibatch_gradients(policy, rolled, list(range(8)), args)
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all("lora_" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
+    with_vision, _, _ = models.load_models(str(tiny_model_dir), None, False, False, False, torch.float32, CPU,
+                                           lora=models.lora_config(4, 0, 0.0, apo.Args.lora_targets, True))
+    assert "image_features" not in rollout.sample_responses(with_vision, processor, prompts, 2, config)
 
 
 def test_only_the_adapters_train_with_or_without_gradient_checkpointing(tiny_model_dir, batch):

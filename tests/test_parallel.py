@@ -33,15 +33,16 @@ def single(tiny_model_dir):
 
 @pytest.mark.parametrize("agg, micro, checkpointing", [("token", 3, True), ("sequence", 3, True)])
 def test_two_ranks_give_the_gradient_of_one_process(tiny_model_dir, single, tmp_path, agg, micro, checkpointing):
-    """Each rank holds half of a mini-batch of 8 responses (14 and 15 tokens); the gradients summed over the ranks
-    equal the gradient of one process on all 8, for both loss aggregations, with micro-batches and checkpointing."""
+    """Each rank holds half of a mini-batch of 8 responses (14 and 15 tokens), each prompt once per micro-batch; the
+    gradients summed over the ranks equal the gradient of one process on all 8 with a copy of the prompt per
+    response, for both loss aggregations, with micro-batches and checkpointing."""
     model, processor, batch = single
     run_worker("gradients", tiny_model_dir, tmp_path, agg=agg, micro=micro, checkpointing=checkpointing)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model.zero_grad(set_to_none=True)
-    args = parallel_worker.args_for({"agg": agg, "micro": micro})
+    args = parallel_worker.args_for({"agg": agg, "micro": micro, "share": False})  # a copy per response
     expected_stats = minibatch_gradients(model, batch, list(range(8)), args)
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -70,14 +71,15 @@ def test_bf16_replicas_stay_bit_identical(tiny_model_dir, tmp_path):
 
 def test_fsdp_update_equals_the_unsharded_one(tiny_model_dir, single, tmp_path):
     """One optimizer step with FSDP2 (weights, gradients and Adam moments sharded over 2 ranks, the batch split,
-    gradient checkpointing on) gives the weights of one process updating on the whole batch (fp32)."""
+    gradient checkpointing on, each prompt once per micro-batch) gives the weights of one process updating on the
+    whole batch with a copy of the prompt per response (fp32)."""
     run_worker("updates", tiny_model_dir, tmp_path, fsdp=True, steps=1, checkpointing=True)
     model, processor = models.load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
     model.train()
     batch = parallel_worker.make_batch(model, processor)
     model.train()
     apo.update_policy(model, batch, adamw.AdamW(model.parameters(), lr=1e-3, seed=0),
-                      parallel_worker.args_for({}), [1e-3])
+                      parallel_worker.args_for({"share": False}), [1e-3])  # a copy of the prompt per response
     got = torch.load(tmp_path / "weights.pt", weights_only=True)["weights"]
     expected = model.state_dict()
     assert set(got) == set(expected)

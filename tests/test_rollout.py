@@ -113,22 +113,40 @@ def sample(model, processor, prompts, group_size=2, max_new_tokens=10, seed=0, *
     return rollout.sample_responses(model, processor, prompts, group_size, config, seed=(seed,))
 
 
-def test_training_forward_logprobs_equal_generation_logprobs(tiny, prompts):
-    """The log-probs that the loss uses are those of the distribution the responses were sampled from (fp32)."""
+@pytest.mark.parametrize("share", [True, False])
+def test_training_forward_logprobs_equal_generation_logprobs(tiny, prompts, share, monkeypatch):
+    """The log-probs that the loss uses are those of the distribution the responses were sampled from (fp32), in
+    either layout; and each of the traps of a layout makes them drift."""
     model, processor = tiny
     sampled, generation_logp = generate_with_logprobs(model, processor, rollout.select(prompts, [0, 0, 1, 1, 2, 2]),
                                                       10)
     rolled = sample(model, processor, prompts, group_size=2, seed=0)  # same keys, same seed: the same samples
     assert torch.equal(rolled["response_ids"], sampled)
-    logp, entropy = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=4, chunk_tokens=7)
+    logp, entropy = rollout.batched_logprobs(model, rolled, TEMPERATURE, micro_batch_size=4, chunk_tokens=7,
+                                             share_prompt=share)
     mask = rolled["response_mask"].bool()
     assert (logp - generation_logp)[mask].abs().max().item() < 1e-5
-    assert (entropy[mask] > 0).all()
+    assert (entropy[mask] > 0).all() and not logp[~mask].any()
+    drift = lambda batch: (rollout.batched_logprobs(model, batch, TEMPERATURE, 6, share_prompt=share)[0]  # noqa
+                           - generation_logp)[mask].abs().max().item()
+    if not share:  # without mm_token_type_ids the image tokens get text positions
+        assert drift(dict(rolled, mm_token_type_ids=torch.zeros_like(rolled["mm_token_type_ids"]))) > 1e-4
+        return
+    # the shared layout's traps: positions counted as plain text (no M-RoPE) ...
+    plain = rolled["attention_mask"][:, :rolled["prompt_len"], None].cumsum(1).transpose(1, 2).expand(-1, 3, -1) - 1
+    assert drift(dict(rolled, prompt_positions=plain.clamp(min=0))) > 1e-4
+    # ... and a response's first token predicted by the end of the response before it in the row
+    rows = rollout.shared_rows
 
-    # The trap this guards against: without mm_token_type_ids the image tokens get text positions and log-probs drift.
-    without = dict(rolled, mm_token_type_ids=torch.zeros_like(rolled["mm_token_type_ids"]))
-    drift = (rollout.batched_logprobs(model, without, TEMPERATURE, 6)[0] - generation_logp)[mask].abs().max().item()
-    assert drift > 1e-4
+    def after_the_previous_response(batch, dtype):
+        inputs, row, position, targets = rows(batch, dtype)
+        first = torch.cat([torch.tensor([True]), position[1:] != position[:-1] + 1])  # each response's first token
+        in_row = torch.zeros_like(position)
+        for i in range(len(position)):  # where each target stands in its row: right after its predictor, except
+            in_row[i] = position[i] + 1 if not first[i] or i == 0 or row[i] != row[i - 1] else in_row[i - 1] + 1
+        return inputs, row, torch.where(first, in_row - 1, position), targets
+    monkeypatch.setattr(rollout, "shared_rows", after_the_previous_response)
+    assert drift(rolled) > 1e-4
 
 
 def test_micro_batching_does_not_change_logprobs(tiny, prompts):
@@ -301,17 +319,19 @@ def gradients(model, logp, weights) -> dict:
     return {**grads, "lm_head.weight": model.lm_head.weight.grad.clone()}  # (tied to the embedding)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 7, 36, 1024])  # 36 = n·T; 5 and 7 do not divide it; 1024: one chunk
+@pytest.mark.parametrize("chunk", [1, 5, 7, 21, 1024])  # 21 response tokens; 5, 7 do not divide it; one chunk
 def test_chunked_logprobs_equal_naive_values_and_gradients(tiny64, rollout_batch, chunk):
     model, _ = tiny64
     weights = torch.randn(4, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     weights = weights * rollout_batch["response_mask"]
     expected, expected_entropy = naive_logprobs(model, rollout_batch)
     expected_grads = gradients(model, expected, weights)
-    logp, entropy = rollout.response_logprobs(model, rollout_batch, TEMPERATURE, chunk_tokens=chunk)
-    torch.testing.assert_close(logp, expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=1e-6, atol=1e-6)
-    assert not entropy.requires_grad
+    logp, entropy = rollout.response_logprobs(model, rollout_batch, TEMPERATURE, chunk_tokens=chunk,
+                                              share_prompt=False)
+    mask = rollout_batch["response_mask"].bool()  # only response tokens are projected; after its end, 0
+    torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy[mask], expected_entropy.detach()[mask], rtol=1e-6, atol=1e-6)
+    assert not logp[~mask].any() and not entropy[~mask].any() and not entropy.requires_grad
     grads = gradients(model, logp, weights)
     assert grads.keys() == expected_grads.keys(), set(grads) ^ set(expected_grads)
     for name in grads:
@@ -326,7 +346,8 @@ def test_batched_logprobs_equal_naive_across_micro_batches_of_different_lengths(
         expected, _ = naive_logprobs(model, rollout_batch)
     mask = rollout_batch["response_mask"].bool()
     for micro in (1, 3):
-        logp, _ = rollout.batched_logprobs(model, rollout_batch, TEMPERATURE, micro, chunk_tokens=5)
+        logp, _ = rollout.batched_logprobs(model, rollout_batch, TEMPERATURE, micro, chunk_tokens=5,
+                                           share_prompt=False)
         assert logp.shape == expected.shape
         torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-6, atol=1e-6)
 
@@ -350,11 +371,13 @@ def test_chunked_logprobs_peak_memory():
             return SimpleNamespace(hidden_states=(hidden * 1,))
         stand_in.device, stand_in.lm_head = torch.device("cpu"), SimpleNamespace(weight=weight)
         batch = {"input_ids": torch.randint(0, V, (n, P + T), generator=gen), "prompt_len": P,
+                 "response_mask": torch.ones(n, T, dtype=torch.long),
                  **{k: torch.zeros(1) for k in ("attention_mask", "mm_token_type_ids", "pixel_values",
                                                 "image_grid_thw")}}
         tracker = mem_tracker.MemTracker()
         with tracker:
-            logp, _ = rollout.response_logprobs(stand_in, batch, TEMPERATURE, chunk_tokens=chunk)
+            logp, _ = rollout.response_logprobs(stand_in, batch, TEMPERATURE, chunk_tokens=chunk,
+                                                share_prompt=False)
             logp.sum().backward()
         weight.grad = None
         return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
@@ -362,3 +385,94 @@ def test_chunked_logprobs_peak_memory():
     row, added = V * 4, n * (9 - 2)  # an fp32 vocabulary row; tokens added going from T = 2 to T = 9
     assert peak(9, chunk=3) - peak(2, chunk=3) < added * row / 8
     assert added * row <= peak(9, chunk=n * 9) - peak(2, chunk=n * 2) <= 5 * added * row
+
+
+# ------------------------------------------------------------------------------- each prompt once per group
+def shared_and_unshared(model, batch, micro, temperature=1.3):
+    return [rollout.batched_logprobs(model, batch, temperature, micro, chunk_tokens=13, share_prompt=share)
+            for share in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def toy_rollout():
+    """The toy's starting model (fp32) and a rollout of it: 3 prompts × 4 responses, cut to very uneven lengths
+    (1 to 24 tokens, as if EOS had come early), with made-up advantages and KL weights and a reference that
+    differs from the policy (so that every term of the loss pulls)."""
+    from plumbing import data, models, toy
+    model, processor = models.load_model("toy", torch.float32, torch.device("cpu"))
+    table, base, columns = data.load_table("toy", "train")
+    examples = [data.prepare_example(table[i], columns, base) for i in range(3)]
+    prompts = rollout.encode_prompts(processor, [e["images"] for e in examples], [e["problem"] for e in examples],
+                                     28 * 28, toy.IMAGE_SIZE ** 2)
+    batch = rollout.sample_responses(model, processor, prompts, 4, rollout.generation_config(processor, 24, 1.3, 1.0),
+                                     seed=(0, 7))
+    lengths = torch.minimum(batch["lengths"], torch.tensor([1, 24, 3, 17, 9, 2, 24, 11, 5, 20, 1, 14]))
+    T, P = batch["response_mask"].shape[1], batch["prompt_len"]
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    batch.update(response_mask=mask, lengths=lengths)
+    batch["attention_mask"][:, P:] = mask
+    gen = torch.Generator().manual_seed(3)
+    batch.update(advantages=torch.randn(12, generator=gen), kl_weights=torch.rand(12, generator=gen))
+    reference, _ = models.load_model("toy", torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        for w in reference.parameters():
+            w += 0.02 * torch.randn(w.shape, generator=gen)
+    batch["ref_logp"] = rollout.batched_logprobs(reference, batch, 1.3, 12, share_prompt=False)[0]
+    return model, processor, batch
+
+
+@pytest.mark.parametrize("micro", [1, 3, 4, 8, 12])  # one each; splitting groups of 4; a group; two; all three
+def test_shared_prompts_give_the_log_probs_of_a_copy_per_response(toy_rollout, micro):
+    model, _, batch = toy_rollout
+    assert batch["lengths"].min() == 1 and batch["lengths"].max() >= 17
+    (shared, shared_entropy), (alone, alone_entropy) = shared_and_unshared(model, batch, micro)
+    mask = batch["response_mask"].bool()
+    assert (shared - alone)[mask].abs().max() < 2e-6 and (shared_entropy - alone_entropy)[mask].abs().max() < 2e-6
+    assert not shared[~mask].any()  # nothing after a response's end
+
+
+def test_a_group_of_one_and_a_prompt_whose_responses_are_far_apart(toy_rollout):
+    """G = 1 (each row a prompt and one response), and a micro-batch holding two responses of one prompt with
+    another prompt's between them: each prompt still gets one row, the responses in the micro-batch's order."""
+    model, _, batch = toy_rollout
+    for rows in ([0], [0, 4, 8], [0, 5, 1]):
+        part = rollout.select(batch, rows)
+        inputs, *_ = rollout.shared_rows(part, torch.float32)
+        assert inputs["input_ids"].shape[0] == len(set(part["prompt_index"].tolist()))
+        (shared, _), (alone, _) = shared_and_unshared(model, part, len(rows))
+        mask = part["response_mask"].bool()
+        assert (shared - alone)[mask].abs().max() < 2e-6
+
+
+@pytest.mark.parametrize("method", ["apo", "grpo"])
+def test_shared_prompts_give_the_gradient_of_a_copy_per_response(toy_rollout, method):
+    """The gradient of the whole loss (policy term, k3 KL weighted by κ; GRPO: κ = 1) over micro-batches that
+    split and join groups, in both layouts."""
+    import apo
+    from conftest import minibatch_gradients
+    model, _, batch = toy_rollout
+    batch = dict(batch, kl_weights=batch["kl_weights"] if method == "apo" else torch.ones(12))
+    grads = {}
+    for share, micro in ((True, 3), (True, 8), (False, 12)):
+        args = apo.parse_args(["--data", "toy", "--kl-beta", "0.5", "--temperature", "1.3", "--micro-batch-size",
+                               str(micro), "--group-size", "4"] + ([] if share else ["--no-share-prompt"]))
+        model.zero_grad(set_to_none=True)
+        minibatch_gradients(model, batch, list(range(12)), args)
+        grads[share, micro] = [p.grad.clone() for p in model.parameters()]
+    scale = max(g.abs().max() for g in grads[False, 12])
+    for key in ((True, 3), (True, 8)):
+        assert max((a - b).abs().max() for a, b in zip(grads[key], grads[False, 12])) < 1e-5 * scale, key
+
+
+def test_shared_prompts_in_bf16_drift_no_more_than_bf16_itself(toy_rollout):
+    """In bf16 the two layouts round differently (other shapes, other sums): the log-probs they give differ by
+    about what bf16 itself costs against fp32, not more (the numbers are in docs/PERF.md)."""
+    model, processor, batch = toy_rollout
+    from plumbing import models
+    bf16, _ = models.load_model("toy", torch.bfloat16, torch.device("cpu"))
+    (shared, _), (alone, _) = shared_and_unshared(bf16, batch, 4)
+    exact, _ = rollout.batched_logprobs(model, batch, 1.3, 4, share_prompt=False)
+    mask = batch["response_mask"].bool()
+    layouts, rounding = (shared - alone)[mask].abs().max().item(), (alone - exact)[mask].abs().max().item()
+    print(f"\nbf16: shared − unshared {layouts:.3g}, unshared bf16 − fp32 {rounding:.3g} (max |Δ log π|)")
+    assert layouts <= 2 * rounding

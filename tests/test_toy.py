@@ -94,9 +94,10 @@ def answer_margin(model, processor, rows) -> float:
                                      for x in "ABCD"], return_tensors="pt")["input_ids"]
     batch.update(input_ids=torch.cat([batch["input_ids"], responses], 1), prompt_len=batch["input_ids"].shape[1],
                  attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(responses)], 1),
-                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(responses)], 1))
+                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(responses)], 1),
+                 response_mask=torch.ones_like(responses))
     with torch.no_grad():  # the four responses differ in one token, the letter: their log-probs compare letters
-        logp = rollout.response_logprobs(model, batch, 1.0)[0].sum(-1).view(n, 4)  # [n, 4]
+        logp = rollout.response_logprobs(model, batch, 1.0, share_prompt=False)[0].sum(-1).view(n, 4)  # [n, 4]
     right = torch.tensor(["ABCD".index(r["answer"]) for r in rows])
     others = (logp.sum(-1) - logp[torch.arange(n), right]) / 3
     return (logp[torch.arange(n), right] - others).mean().item()

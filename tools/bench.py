@@ -52,7 +52,7 @@ TINY = dict(min_pixels=28 * 28, max_pixels=56 * 56)
 IMAGE_SIZE = {"tiny": (56, 56), "3b": (616, 448)}
 FLAGS = ["prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size", "micro_batch_size",
          "generation_batch_size", "logprob_chunk", "kl_beta", "min_pixels", "max_pixels", "max_prompt_tokens",
-         "gradient_checkpointing", "lora_rank", "lora_targets", "lora_vision"]
+         "gradient_checkpointing", "lora_rank", "lora_targets", "lora_vision", "share_prompt"]
 
 
 RANGES = [  # this script's own flags, as flags.RANGES (those of FLAGS, and --seed, are checked against its)
@@ -178,7 +178,10 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
 
     With --lora-rank r: no reference copy (it is the policy with its adapters off); gradients and Adam moments for
     the adapters alone, r·(in + out) parameters per adapted layer, in fp32 (peft's default); the vision tower out
-    of the backward unless it has adapters; and what the adapters add to activations (`lora_saved`, `lora_temp`)."""
+    of the backward unless it has adapters; and what the adapters add to activations (`lora_saved`, `lora_temp`).
+
+    The log-prob passes forward a micro-batch of b responses as rows: with --share-prompt (the default) one row per
+    prompt it holds, P + (b/rows)·T tokens each, the prompt's image once per row; without, b rows of P + T tokens."""
     t, v = config.text_config, config.vision_config
     L, H, I, V = t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.vocab_size
     kv = t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
@@ -187,6 +190,11 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
     S = P + T                                                   # tokens of a sequence: prompt + response
     n_gen = s.generation_batch_size or s.prompts_per_step * s.group_size   # sequences per `generate` call
     b, chunk, r = s.micro_batch_size, s.logprob_chunk, s.lora_rank
+    # a micro-batch's rows: the update takes whole groups in turn, so b responses hold ceil(b / G) prompts (b ≤ G:
+    # one) and every row P + its responses; unshared, a row per response
+    rows = -(-b // s.group_size) if s.share_prompt else b
+    micro_tokens = rows * P + b * T if s.share_prompt else b * S
+    row_tokens = micro_tokens // rows
     text, vision, merger = lora_layers(config, s) if r else ([], [], [])
     n_lora = r * (L * sum(i + o for i, o in text) + Lv * sum(i + o for i, o in vision) + sum(i + o for i, o in merger))
     trained = n_lora if r else N                                # the parameters with gradients and Adam moments
@@ -199,10 +207,12 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
     lora_temp = lambda shapes: max((4 * i + 8 * o for i, o in shapes), default=0)    # noqa: E731
     vision_backward = not r or s.lora_vision  # a frozen tower without adapters is no part of the backward
     # One layer's forward without gradients, at its widest (the MLP): residual, normed input, act(gate), up and
-    # their product, bf16 → (6H + 6I) bytes per token; the vision blocks alike per patch; plus the bool attention
-    # mask [n, 1, P, P] that left padding makes sdpa use.
-    no_grad_layer = lambda n, tokens: n * max(tokens * (6 * H + 6 * I + lora_temp(text)) + tokens ** 2,  # noqa
-                                              patches * (6 * Hv + 6 * Iv + lora_temp(vision)))
+    # their product, bf16 → (6H + 6I) bytes per token; the vision blocks alike per patch; plus the attention mask
+    # [n, 1, S, S]: bool where left padding makes sdpa use one, bf16 (2 bytes) for the shared layout's 4D mask.
+    no_grad_layer = lambda n, tokens, mask_bytes=1: n * max(  # noqa: E731
+        tokens * (6 * H + 6 * I + lora_temp(text)) + mask_bytes * tokens ** 2,
+        patches * (6 * Hv + 6 * Iv + lora_temp(vision)))
+    mask_bytes = 2 if s.share_prompt else 1
     c = {
         "policy_weights": 2 * N + 4 * n_lora,                  # bf16 weights (+ fp32 adapters)
         "reference_weights": 2 * N if s.kl_beta > 0 and not r else 0,  # frozen copy for the KL term (APO_SPEC §6)
@@ -215,25 +225,26 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
         "kv_cache": n_gen * S * L * 2 * kv * 2,
         # Prefill: all n_gen prompts through one layer at a time (no gradients).
         "prefill_activations": no_grad_layer(n_gen, P),
-        # Gradient checkpointing keeps each layer's input, bf16: b · (S·L·H + patches·Lv·Hv) · 2 bytes.
-        "checkpointed_activations": b * (S * L * H + patches * Lv * Hv * vision_backward) * 2,
+        # Gradient checkpointing keeps each layer's input, bf16: (tokens·L·H + rows·patches·Lv·Hv) · 2 bytes.
+        "checkpointed_activations": (micro_tokens * L * H + rows * patches * Lv * Hv * vision_backward) * 2,
         # Backward of one layer: its forward is recomputed with what backward needs kept — 2 RMSNorms (fp32 input
         # 4H + bf16 output 2H each), q/k/v input, rotated q and k, v, attention output, o_proj input (8H + 4kv),
         # gate, act(gate), up, product (8I) — plus gradients in flight (4H + 4I): (26H + 12I + 4kv) bytes/token.
-        "layer_recompute": b * max(S * (26 * H + 12 * I + 4 * kv + lora_saved(text) + lora_temp(text)),
-                                   patches * (30 * Hv + 12 * Iv + lora_saved(vision) + lora_temp(vision))
-                                   * vision_backward),
+        "layer_recompute": max(micro_tokens * (26 * H + 12 * I + 4 * kv + lora_saved(text) + lora_temp(text))
+                               + rows * mask_bytes * row_tokens ** 2,
+                               rows * patches * (30 * Hv + 12 * Iv + lora_saved(vision) + lora_temp(vision))
+                               * vision_backward),
         # rollout.response_logprobs: fp32 [chunk, V] tensors — in backward the saved log-softmax, the gradient
         # scattered by gather, and log_softmax's exp and result: 4 × chunk · V · 4 bytes (2 without gradients).
         "logits_chunk": 4 * chunk * V * 4,
         # A parameter's fresh gradient before it is added to .grad: the tied embedding / output projection, V·H
         # (with LoRA: the largest adapter matrix).
         "parameter_gradient_temporary": grad_bytes * largest_trained,
-        "micro_batch_forward": no_grad_layer(b, S),
+        "micro_batch_forward": no_grad_layer(rows, row_tokens, mask_bytes),
         # rollout.response_logprobs asks the model's forward for its hidden states (the last one is projected):
-        # without gradients every layer's output then stays alive, b · S · (L + 1) · H · 2 bytes. (With them, the
+        # without gradients every layer's output then stays alive, tokens · (L + 1) · H · 2 bytes. (With them, the
         # same tensors are the checkpointed activations: nothing more in the update.)
-        "logprob_hidden_states": b * S * (L + 1) * H * 2,
+        "logprob_hidden_states": micro_tokens * (L + 1) * H * 2,
     }
     resident = c["policy_weights"] + c["reference_weights"] + c["adam_moments"]
     kv_at = lambda tokens: c["kv_cache"] * tokens // S  # noqa: E731
@@ -256,7 +267,8 @@ def memory_plan(config, counts: dict, s: apo.Args, prompt_tokens: int, patches: 
             "phases_gib": {k: gib(x) for k, x in phases.items()},
             "assumptions": {"prompt_tokens": P, "response_tokens": T, "patches_per_image": patches,
                             "generation_batch": n_gen, "micro_batch_size": b, "logprob_chunk": chunk,
-                            "lora_rank": r}}
+                            "lora_rank": r, "share_prompt": s.share_prompt, "rows_per_micro_batch": rows,
+                            "tokens_per_micro_batch": micro_tokens}}
 
 
 def dry_run(a, s: apo.Args, processor) -> dict:
@@ -356,17 +368,26 @@ class DecodeClock(BaseStreamer):
                 "decode_ms_per_token_step": 1000 * decode / max(steps, 1)}
 
 
-def step_flops(prompt_tokens: int, response_tokens: int, patches: int, counts: dict, decode_token_steps: int,
-               logprob_passes: int, prefill_tokens: int) -> dict:
+def step_flops(pass_tokens: int, pass_patches: int, counts: dict, decode_token_steps: int, logprob_passes: int,
+               prefill_tokens: int, rollout_patches: int) -> dict:
     """Model FLOPs of a step: 2·N per token for each forward without gradients, 6·N per token (forward + backward)
-    for the update; N = the parameters a token (or an image patch) goes through. Real tokens only (no padding);
-    attention's own FLOPs (~4·S·H per token per layer, a few % here) and the recompute of gradient checkpointing
-    are not counted, as MFU conventionally does."""
-    per_pass = counts["text_params_per_token"] * (prompt_tokens + response_tokens) + \
-        counts["vision_params_per_patch"] * patches
+    for the update; N = the parameters a token (or an image patch) goes through. Real tokens only (no padding),
+    those a pass forwards (`pass_tokens`: with --share-prompt each prompt once per row); attention's own FLOPs
+    (~4·S·H per token per layer, a few % here) and the recompute of gradient checkpointing are not counted, as
+    MFU conventionally does."""
+    per_pass = counts["text_params_per_token"] * pass_tokens + counts["vision_params_per_patch"] * pass_patches
     generate = (counts["text_params_per_token"] * (prefill_tokens + decode_token_steps)
-                + counts["vision_params_per_patch"] * patches)
+                + counts["vision_params_per_patch"] * rollout_patches)
     return {"rollout": 2 * generate, "logprobs": 2 * per_pass * logprob_passes, "update": 6 * per_pass}
+
+
+def rows_per_pass(n_prompts: int, group_size: int, micro_batch_size: int, share_prompt: bool) -> int:
+    """Rows a log-prob pass forwards: one per (micro-batch, prompt) pair with --share-prompt, the micro-batches
+    taking each group's responses in turn; else one per response."""
+    prompt_of = [i // group_size for i in range(n_prompts * group_size)]
+    if not share_prompt:
+        return len(prompt_of)
+    return sum(len(set(prompt_of[i:i + micro_batch_size])) for i in range(0, len(prompt_of), micro_batch_size))
 
 
 def cpu_name() -> str:
@@ -411,6 +432,11 @@ def bench(a, s: apo.Args, processor) -> dict:
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
     G = s.group_size
     prompt_tokens, all_patches = G * int(prompts["attention_mask"].sum()), G * prompts["pixel_values"].shape[0]
+    rows = rows_per_pass(s.prompts_per_step, G, s.micro_batch_size, s.share_prompt)
+    pass_prompt_tokens = prompt_tokens * rows // (s.prompts_per_step * G)  # each row holds its prompt once
+    pass_patches = all_patches * rows // (s.prompts_per_step * G)
+    if s.lora_rank and not s.lora_vision and s.share_prompt:
+        pass_patches = 0  # the frozen tower's features come from the rollout (rollout.sample_responses)
     clock = DecodeClock()
     generate = model.generate
     model.generate = lambda **kwargs: generate(**kwargs, streamer=clock, **overrides)  # apo_step's calls, timed
@@ -429,8 +455,9 @@ def bench(a, s: apo.Args, processor) -> dict:
         state["step"] += 1
         timing = clock.summary()
         generated = metrics["response_tokens"]
-        flops = step_flops(prompt_tokens, generated, all_patches, counts, timing["decode_token_steps"],
-                           (s.prompts_per_step * G > s.mini_batch_size) + (reference is not None), prompt_tokens)
+        flops = step_flops(pass_prompt_tokens + generated, pass_patches, counts, timing["decode_token_steps"],
+                           (s.prompts_per_step * G > s.mini_batch_size) + (reference is not None), prompt_tokens,
+                           all_patches)
         seconds = {k: round(x, 4) for k, x in meter.seconds.items()}
         step_seconds = sum(x for k, x in meter.seconds.items() if k != "optimizer")  # (inside "update")
         update_seconds = meter.seconds["update"]
@@ -439,7 +466,9 @@ def bench(a, s: apo.Args, processor) -> dict:
             "peak_memory_gib": round(max(meter.peak.values()) / GiB, 3),
             "peak_memory_gib_by_phase": {k: round(x / GiB, 3) for k, x in meter.peak.items()},
             "rollout_tokens_per_s": round(generated / meter.seconds["rollout"], 1),
-            "train_tokens_per_s": round((prompt_tokens + generated) / update_seconds, 1),
+            "train_tokens_per_s": round((pass_prompt_tokens + generated) / update_seconds, 1),
+            "tokens_per_pass": {"prompt": pass_prompt_tokens, "response": generated, "rows": rows,
+                                "image_patches": pass_patches},
             **{k: round(x, 4) for k, x in timing.items()},
             "response_tokens": generated, "tflop": round(sum(flops.values()) / 1e12, 3),
             "mfu": round(sum(flops.values()) / step_seconds / PEAK_BF16_FLOPS, 4) if device.type == "cuda" else None,
