@@ -15,6 +15,11 @@ import pytest  # noqa: E402
 GEO3K_SAMPLE = Path(__file__).resolve().parent / "data" / "geo3k_sample"  # ten real problems (its README)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: whole runs, several processes, the notebook (README: the fast tier "
+                                       "is `-m \"not slow\"`)")
+
+
 def geo3k_rows() -> list:
     """The real geometry3k sample in the Hub's row format: images, '<image>' + problem text, the right choice's text."""
     rows = []

@@ -91,3 +91,18 @@ def test_bench_tiny_cpu_step(tmp_path):
                 "--max-new-tokens", "5", "--mini-batch-size", "4", "--micro-batch-size", "2", "--lora-rank", "2",
                 "--out", str(out)])
     assert json.loads(out.read_text())["response_tokens"] == 2 * 4 * 5
+
+
+def test_bench_toy_times_apo_step_in_both_layouts(tmp_path):
+    """--config toy: the toy's own starting model, data and preset; the shared layout forwards each of the 8
+    prompts once per pass (8 rows), a copy per response 64, the same responses either way."""
+    from tools import bench
+    results = {}
+    for layout in ("--share-prompt", "--no-share-prompt"):
+        bench.main(["--config", "toy", "--steps", "1", "--threads", "1", layout, "--out", str(tmp_path / "t.json")])
+        results[layout] = json.loads((tmp_path / "t.json").read_text())
+    shared, alone = results["--share-prompt"], results["--no-share-prompt"]
+    assert shared["response_tokens"] == alone["response_tokens"] < 64 * 32  # EOS ends them: not full length
+    assert (shared["tokens_per_pass"]["rows"], alone["tokens_per_pass"]["rows"]) == (8, 64)
+    assert shared["tokens_per_pass"]["prompt"] * 8 == alone["tokens_per_pass"]["prompt"]
+    assert set(shared["seconds"]) == {"rollout", "reward", "logprobs", "update", "optimizer"}

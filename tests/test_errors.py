@@ -305,6 +305,7 @@ def test_a_run_that_fails_before_its_first_step_does_not_block_a_retry(tiny_mode
 
 
 # ---------------------------------------------------------------------------------------- as a user runs them
+@pytest.mark.slow
 def test_the_scripts_exit_with_the_message_and_no_traceback(tiny_model_dir, tmp_path):
     """The scripts as a user starts them (HF_HUB_OFFLINE=1, as `Processes` sets): exit status 2 for a bad
     flag, 1 for a missing resource; the message is stderr's last line, and there is no traceback. (A handful: each

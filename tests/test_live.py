@@ -17,6 +17,8 @@ from plumbing import pictures
 from conftest import PAUSED, REPO, TIMING_KEYS, Processes, read_jsonl, wait_for
 from test_run_folder import toy_args
 
+pytestmark = pytest.mark.slow  # whole runs in processes of their own: the full suite only
+
 WANDB_OFFLINE = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_PROJECT="apo-tests")
 
 

@@ -211,6 +211,7 @@ def lora_state(out) -> tuple:
     return weights, saved["optimizer"]["state"], saved["rng"][0]["rounding"]
 
 
+@pytest.mark.slow
 def test_a_resumed_lora_run_ends_with_the_adapters_and_adam_moments_of_an_uninterrupted_one(toy_dir, tmp_path):
     """bf16 base weights with fp32 adapters, 4 steps, checkpoints (adapter/ alone) every 2. Resumed from
     checkpoint-000002 as if killed after step 2, the run ends with the adapters, merged weights, Adam moments and

@@ -15,6 +15,8 @@ from plumbing import run_folder
 from plumbing import models
 from conftest import minibatch_gradients, PAUSED, REPO, Processes, read_jsonl, wait_for, without_timings
 
+pytestmark = pytest.mark.slow  # whole runs in processes of their own: the full suite only
+
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 
 

@@ -357,6 +357,7 @@ def random_response(rng: random.Random) -> str:
     return "".join(rng.choice(ATOMS) for _ in range(n))
 
 
+@pytest.mark.slow
 def test_fuzz_never_raises_and_is_fast():
     rng = random.Random(1234)
     golds = [GOLD_2SQRT221, r"\frac { 2 \sqrt { 2 } } { 5 }", "10.5", "70", "D", "%%%"]

@@ -201,6 +201,7 @@ def resume_after_step_2(out: Path, args: list):
     apo.train(apo.parse_args(args + ["--resume"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupted_one(toy_dir, tmp_path, dtype):
     """4 steps, checkpoints every 2. Resumed from checkpoint-000002 (final/ and checkpoint-000004 removed, as if
@@ -222,6 +223,7 @@ def test_a_resumed_run_ends_with_the_weights_and_adam_moments_of_an_uninterrupte
     assert run_logs(out) == logs
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_reproduces_an_uninterrupted_run(toy_dir, tmp_path):
     """Same seed, same command: a run stopped by SIGINT, then resumed, writes exactly the metrics and samples of
     one that never stopped (timings aside) and ends with its weights and Adam moments. The signal comes while the
@@ -244,6 +246,7 @@ def test_sigint_then_resume_reproduces_an_uninterrupted_run(toy_dir, tmp_path):
     assert_same_state(final_state(tmp_path / "cut"), final_state(full))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(toy_dir, tmp_path):
     marker = tmp_path / "waiting"
     run = Processes([sys.executable, str(PAUSED), "1", "0", str(marker), str(REPO / "apo.py"),
@@ -264,6 +267,7 @@ def test_no_gpu_stops_the_3b_default_with_a_clear_message(monkeypatch):
         torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.slow
 def test_a_finished_run_can_be_extended(toy_dir, tmp_path, capsys):
     """`--resume` with a larger --steps continues a run that finished: from final/, with its weights, optimizer,
     RNG streams and data position; the learning rate then follows the schedule of a run planned for the new step
@@ -297,6 +301,7 @@ def test_a_finished_run_can_be_extended(toy_dir, tmp_path, capsys):
     assert [s["answer"] for s in samples] == [answers[0], answers[2], answers[4], answers[6]]
 
 
+@pytest.mark.slow
 def test_held_out_evaluation_during_training(tiny_model_dir, geo3k_dir, tmp_path):
     """--eval-every: greedy accuracy and format rate on the test split at step 0, every N steps and at the end, one
     line per evaluation in eval.jsonl, also across a resume that redoes steps."""

@@ -282,6 +282,7 @@ def greedy_by_hand(model, processor, examples, max_new_tokens) -> list:
     return texts
 
 
+@pytest.mark.slow
 def test_held_out_evaluations_are_greedy_in_training_and_in_eval(toy_dir, tmp_path):
     """The starting model's greedy answers to the 16 held-out problems, decoded by hand: the run's step-0
     evaluation reports their accuracy, format rate and length, and eval.py writes exactly those responses. (Sampled

@@ -103,6 +103,7 @@ def answer_margin(model, processor, rows) -> float:
     return (logp[torch.arange(n), right] - others).mean().item()
 
 
+@pytest.mark.slow
 def test_a_short_apo_run_with_the_toy_preset_learns_what_the_reward_asks_for(tmp_path, starting_model):
     """The whole loop with the toy preset's model, sizes and learning rate, on images that are all green: the
     reward asks for "B" whatever the image, and 20 steps learn it (the margin of "B" over the other letters rose

@@ -3,7 +3,10 @@ arithmetic), and the outputs committed with it are those it gives: it can never 
 from pathlib import Path
 
 import nbclient
+import pytest
 import nbformat
+
+pytestmark = pytest.mark.slow  # executes the whole notebook: the full suite only
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "walkthrough.ipynb"
 

@@ -1,6 +1,7 @@
 """Benchmark of one APO step: seconds and peak memory per phase, throughput, MFU; and the memory plan.
 
     python tools/bench.py --config tiny --device cpu --threads 1 --out bench_tiny.json   # the toy's shapes, CPU
+    python tools/bench.py --config toy --threads 1 --no-share-prompt --out toy.json  # the toy itself, a layout
     python tools/bench.py --config 3b --device cuda --out bench_3b.json                 # Qwen2.5-VL-3B, one GPU
     python tools/bench.py --config 3b --dry-run --out plan_3b.json             # memory plan: no GPU, no weights
     python tools/bench.py --config 3b --dry-run --lora-rank 16 --generation-batch-size 64 --out plan_lora.json
@@ -34,7 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: apo.py and plumbing/
 import apo  # noqa: E402
 import rollout  # noqa: E402
-from plumbing import flags, models, run_folder, toy  # noqa: E402
+from plumbing import data, flags, models, run_folder, toy  # noqa: E402
 from plumbing.adamw import AdamW  # noqa: E402
 
 # The public config.json of Qwen/Qwen2.5-VL-3B-Instruct (architecture only, no weights), kept with the test data.
@@ -65,7 +66,9 @@ RANGES = [  # this script's own flags, as flags.RANGES (those of FLAGS, and --se
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", choices=["tiny", "3b"], required=True)
+    p.add_argument("--config", choices=["tiny", "toy", "3b"], required=True,
+                   help="tiny: the toy model's shapes, random weights; toy: the toy task itself (its starting "
+                        "model, data and preset, responses ending at EOS); 3b: Qwen2.5-VL-3B's shapes")
     p.add_argument("--config-file", help=f"Qwen2.5-VL-3B's config.json (default: {QWEN_3B_CONFIG})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -76,8 +79,9 @@ def parse_args(argv=None):
                                                     f"--lora-rank {LORA_TARGET_GIB})")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), help="synthetic image size in pixels")
-    p.add_argument("--full-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="every response runs to --max-new-tokens (EOS is suppressed until then)")
+    p.add_argument("--full-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="every response runs to --max-new-tokens (EOS is suppressed until then; default: on, "
+                        "but for --config toy)")
     p.add_argument("--cache-implementation", choices=["dynamic", "static"], default=None,
                    help="KV cache of `generate` (default: rollout.generation_config's)")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
@@ -90,11 +94,14 @@ def parse_args(argv=None):
         else:
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
-    a.image_size = tuple(a.image_size or IMAGE_SIZE[a.config])
+    a.image_size = tuple(a.image_size or IMAGE_SIZE.get(a.config, (toy.IMAGE_SIZE,) * 2))
+    a.full_length = a.config != "toy" if a.full_length is None else a.full_length
+    if a.config == "toy" and a.dry_run:
+        p.error("--dry-run plans --config tiny or 3b")
     if a.target_gib is None:
         a.target_gib = LORA_TARGET_GIB if a.lora_rank else TARGET_GIB
     flags.check_ranges(p, vars(a), RANGES)
-    preset = dict(TINY if a.config == "tiny" else {})
+    preset = dict(TINY if a.config == "tiny" else apo.PRESETS["toy"] if a.config == "toy" else {})
     preset.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
     s = apo.Args(**preset)
     flags.check_ranges(p, {**{k: getattr(s, k) for k in FLAGS}, "seed": a.seed})  # training's flags, its ranges
@@ -402,11 +409,15 @@ def bench(a, s: apo.Args, processor) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU found")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as models.resolve_device
-    config = load_config(a, processor.tokenizer)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
-    with torch.device(device):  # random weights, made directly where they are used
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    if a.config == "toy":  # the toy's starting model and its own processor
+        model, processor = models.load_model("toy", dtype, device)
+        config = model.config
+    else:
+        config = load_config(a, processor.tokenizer)
+        with torch.device(device):  # random weights, made directly where they are used
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     counts = count_parameters(model)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if s.kl_beta > 0 and not s.lora_rank else None
     if s.gradient_checkpointing:
@@ -427,7 +438,8 @@ def bench(a, s: apo.Args, processor) -> dict:
         if a.compile_decode and device.type != "cuda":
             overrides["compile_config"] = CompileConfig()
             overrides["compile_config"]._compile_all_devices = True  # transformers compiles on CUDA only otherwise
-    examples = synthetic_examples(s.prompts_per_step, a.image_size, a.seed)
+    examples = synthetic_examples(s.prompts_per_step, a.image_size, a.seed) if a.config != "toy" else [
+        data.prepare_example(row, data.COLUMNS) for row in toy.toy_rows("train", seed=0)[:s.prompts_per_step]]
     prompts = encode(processor, examples, s)
     P, patches = prompts["input_ids"].shape[1], int(prompts["image_grid_thw"][0].prod())
     G = s.group_size

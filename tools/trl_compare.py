@@ -3,6 +3,7 @@
     pip install trl      # (not in requirements.txt: only this script needs it)
     python tools/trl_compare.py --out docs/bench/trl_toy.json                   # the toy's sizes
     python tools/trl_compare.py --group-size 16 --image-size 336 --out g16.json  # more responses, longer prompts
+    python tools/trl_compare.py --table docs/bench/trl/*.json                   # docs/PERF.md's table from them
 
 Equal work: the same starting model (the toy's), the same prompts in the same order (the toy's training rows, the
 prompt of rollout.build_messages), the same reward (reward.accuracy_reward + reward.format_reward), the same sizes
@@ -46,8 +47,30 @@ def parse_args(argv=None):
     p.add_argument("--apo", action="store_true", help="apo with DADS and STCR (default: GRPO, TRL's loss)")
     p.add_argument("--no-share-prompt", action="store_true", help="apo with a copy of the prompt per response")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True, help="JSON: settings, every step of both sides, the summary")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="JSON: settings, every step of both sides, the summary")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print the Markdown table of these results instead")
+    a = p.parse_args(argv)
+    if not a.table and not a.out:
+        p.error("--out is required (or --table)")
+    return a
+
+
+def markdown_table(paths: list) -> str:
+    """One row per result file: the settings, each side's median seconds per phase, tokens per log-prob pass."""
+    lines = ["| B × G | image tokens | prompt share | apo layout | step apo / TRL (s) | ratio | rollout | "
+             "log-probs | update | tokens per pass apo / TRL |", "|" + "---|" * 10]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        st, su = r["settings"], r["summary"]
+        apo_s, trl_s = su["apo_median_s"], su["trl_median_s"]
+        pair = lambda k: f"{apo_s[k]:.3f} / {trl_s[k]:.3f}"  # noqa: E731
+        layout = ("shared" if st["share_prompt"] else "a copy each") + (", APO" if st["apo_terms"] else "")
+        lines.append(f"| {st['prompts_per_step']} × {st['group_size']} | {(st['image_size'] // 28) ** 2} | "
+                     f"{su['prompt_share_of_a_sequence']:.2f} | {layout} | {pair('step_s')} | "
+                     f"**{su['ratio_median_of_pairs']:.2f}** | {pair('rollout')} | {pair('logprobs')} | "
+                     f"{pair('update')} | {su['tokens_per_pass']['apo']['real_tokens']:.0f} / "
+                     f"{su['tokens_per_pass']['trl']['real_tokens']} |")
+    return "\n".join(lines)
 
 
 class ApoSide:
@@ -58,7 +81,7 @@ class ApoSide:
                 "--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size),
                 "--mini-batch-size", str(a.prompts_per_step * a.group_size),
                 "--micro-batch-size", str(a.prompts_per_step * a.group_size),
-                "--max-pixels", str(a.image_size ** 2)]
+                "--max-pixels", str(a.image_size ** 2), "--min-pixels", str(a.image_size ** 2)]
         argv += [] if a.apo else ["--no-dads", "--no-stcr"]
         argv += ["--no-share-prompt"] if a.no_share_prompt else []
         self.args = args = apo.parse_args(argv)
@@ -73,12 +96,15 @@ class ApoSide:
                                   self.state, self.args)
         self.state["step"] += 1
         phases = {k.removeprefix("seconds_"): v for k, v in metrics.items() if k.startswith("seconds_")}
-        return {"step_s": sum(phases.values()), **phases, "reward": metrics["reward"],
+        return {"step_s": sum(phases.values()), **phases, "mean_reward": metrics["reward"],
                 "format_rate": metrics["format_rate"], "response_tokens": metrics["response_tokens"]}
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.table:
+        print(markdown_table(a.table))
+        return None
     import transformers
     from qwen_vl_utils import fetch_image
     from transformers import TrainerCallback
@@ -217,7 +243,7 @@ def main(argv=None):
                             "apo": {"rows": B if not a.no_share_prompt else B * G,
                                     "real_tokens": (B if not a.no_share_prompt else B * G) * P + apo_tokens}},
         "prompt_share_of_a_sequence": P / (P + apo_tokens / (B * G)),
-        "reward_mean": {"apo": statistics.fmean(r["apo"]["reward"] for r in records),
+        "reward_mean": {"apo": statistics.fmean(r["apo"]["mean_reward"] for r in records),
                         "trl": statistics.fmean(trl_rewards)},
     }
     settings = {"prompts_per_step": B, "group_size": G, "image_size": a.image_size, "apo_terms": a.apo,
