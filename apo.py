@@ -118,6 +118,8 @@ class Args:
     """split of the held-out problems (geometry3k: 601 test problems)"""
     eval_limit: int = 0
     """evaluate the first N usable held-out problems only (0: all)"""
+    eval_breakdown: str = ""
+    """a column of the held-out data whose values eval.jsonl reports apart (accuracy_<value>)"""
     save_every: int = 50
     """rollout steps between checkpoints"""
     keep_last: int = 2
@@ -267,7 +269,8 @@ def apo_loss(*, logp, old_logp, ref_logp, advantages, kl_weights, mask, kl_beta:
     share = mask.sum().item() / token_total  # of the mini-batch's tokens: weighs the clip fraction
     return loss, {"loss": loss.item(), "pg_loss": pg_loss.item(), "kl_loss": kl_loss.item(),
                   "kl": (kl_per_seq.detach().sum() / seq_total).item(),  # mean_i KL_i, unweighted
-                  "clip_fraction": clip_fraction.item() * share}
+                  "clip_fraction": clip_fraction.item() * share,
+                  "kl_per_response": kl_per_seq.detach()}                # KL_i, [n], logged
 
 
 # ------------------------------------------------------------------------------------- update, §8
@@ -287,8 +290,9 @@ def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
     rate lrs[i]; inside a mini-batch, micro-batches of args.micro_batch_size responses whose
     gradients accumulate (their size changes nothing). `batch`: a rollout (rollout.py) with
     advantages, kl_weights [N], old_logp and ref_logp [N, T] or None (see apo_loss). Returns the
-    loss's terms and the gradient norm averaged over the mini-batches, and `finite`: per optimizer
-    step, whether it was taken (a non-finite loss or gradient would poison weights and moments).
+    loss's terms and the gradient norm averaged over the mini-batches, `kl_per_response` (each
+    response's KL_i when its mini-batch was taken, [N], logged) and `finite`: per optimizer step,
+    whether it was taken (a non-finite loss or gradient would poison weights and moments).
 
     Why whole groups: a micro-batch then holds several responses to one prompt, which the shared
     layout forwards once (rollout.shared_rows). Many GPUs: each process holds 1/W of each
@@ -299,7 +303,7 @@ def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
     prompts = batch["prompt_index"].unique()                  # the groups, in a shuffled order
     order = torch.cat([(batch["prompt_index"] == p).nonzero()[:, 0]
                        for p in prompts[torch.randperm(len(prompts))]]).tolist()
-    means, finite = {}, []
+    means, finite, kl_per_response = {}, [], torch.zeros(N)
     for lr, start in zip(lrs, range(0, N, per_rank)):
         rows = order[start:start + per_rank]
         token_total, seq_total = parallel.total([batch["response_mask"][rows].sum().item(),
@@ -307,7 +311,8 @@ def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
         optimizer.zero_grad(set_to_none=True)
         sums = {}  # the mini-batch's terms, summed over its micro-batches
         for micro_start in range(0, len(rows), args.micro_batch_size):
-            micro = rollout.select(batch, rows[micro_start:micro_start + args.micro_batch_size])
+            micro_rows = rows[micro_start:micro_start + args.micro_batch_size]
+            micro = rollout.select(batch, micro_rows)
             logp, entropy = rollout.response_logprobs(model, micro, args.temperature,
                                                       args.logprob_chunk, args.share_prompt)  # ℓ_θ
             mask = micro["response_mask"].to(device)                                # [n, T]
@@ -318,6 +323,7 @@ def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
                                    agg=args.loss_agg, token_total=token_total,
                                    seq_total=seq_total)
             loss.backward()
+            kl_per_response[micro_rows] = terms.pop("kl_per_response").cpu().float()
             terms["entropy"] = (entropy * mask).sum().item() / token_total  # DADS's claim (§7)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -334,7 +340,7 @@ def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
                 group["lr"] = lr
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**means, "finite": finite}
+    return {**means, "kl_per_response": kl_per_response, "finite": finite}
 
 
 # ----------------------------------------------------------------------------------------- the step
@@ -401,7 +407,7 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
 
     per_response = {"rewards": rewards, "advantages": advantages, "lengths": lengths,
                     "correct": correct, "advantages0": advantages0, "stcr_multipliers": stcr,
-                    "kl_weights": kl_weights}
+                    "kl_weights": kl_weights, "kl": stats.pop("kl_per_response").view(B, G)}
     metrics = step_metrics(step, per_response, accuracy, fmt, batch["truncated"], stats, clock,
                            state, optimizer.param_groups[0]["lr"])
     # the first --log-samples groups, each response with its numbers (eval.py --explain shows them)
@@ -421,10 +427,12 @@ def step_metrics(step: int, per_response: dict, accuracy, fmt, truncated, stats:
     columns = [per_response["rewards"].flatten(), accuracy, fmt,
                per_response["lengths"].flatten().float(), per_response["advantages"].flatten(),
                per_response["stcr_multipliers"].flatten(), per_response["kl_weights"].flatten(),
-               truncated.float()]
-    r, acc, fmt_all, length, adv, mult, kappa, truncated = parallel.gather(
+               truncated.float(), per_response["kl"].flatten()]
+    r, acc, fmt_all, length, adv, mult, kappa, truncated, kl = parallel.gather(
         torch.stack(columns, 1)).T                                               # [W·N] each
     right, wrong, positive = acc > 0, acc == 0, adv > 0
+    share_right = right.view(-1, G).float().mean(-1, keepdim=True).expand(-1, G).flatten()
+    hard = (share_right > 0) & (share_right <= 3 / 8)   # a hard group: 1 to 3 of 8 right
     mean_if = lambda x, which: x[which].mean().item() if which.any() else None  # noqa: E731
     phases = ("rollout", "reward", "logprobs", "update")
     seconds = parallel.total([clock.seconds[k] for k in phases], op="max")
@@ -441,6 +449,8 @@ def step_metrics(step: int, per_response: dict, accuracy, fmt, truncated, stats:
         **{k: stats[k] for k in ("kl", "kl_loss", "entropy", "clip_fraction", "pg_loss",
                                  "grad_norm")},
         "dads_weight_pos_mean": mean_if(kappa, positive),
+        "dads_weight_correct_mean": mean_if(kappa, positive & right),  # (all-wrong groups' κ is 1)
+        "kl_correct_hard": mean_if(kl, right & hard),      # how far DADS lets rare successes move
         "stcr_mult_neg_mean": mean_if(mult, wrong),
         "stcr_mult_neg_max": mult[wrong].max().item() if wrong.any() else None,
         "equal_reward_groups": (r.view(-1, G).std(-1) == 0).float().mean().item(),
@@ -490,8 +500,8 @@ def train(args: Args) -> Path:
             return out
     held_out = data.held_out_examples(
         args.eval_data or args.data, args.eval_split, columns, args.eval_limit, processor,
-        args.min_pixels, args.max_pixels, args.max_prompt_tokens, say,
-        not args.eval_data) if args.eval_every else []
+        args.min_pixels, args.max_pixels, args.max_prompt_tokens, say, not args.eval_data,
+        args.eval_breakdown) if args.eval_every else []
     config = dataclasses.asdict(args)  # what args.json and every checkpoint record
     run_folder.start_run(out, config, world, resume_from)  # all loaded: the run starts here
     live = pictures.LiveLog(out, args.report_to, config)  # --report-to: TensorBoard, W&B
@@ -553,12 +563,17 @@ def log_evaluation(policy, processor, held_out: list, args: Args, out: Path, don
         records = evaluation.evaluate(policy, processor, parallel.share(held_out), args,
                                       batch_size=args.generation_batch_size
                                       or args.prompts_per_step * args.group_size)
-        correct, formatted, length, truncated, n = parallel.total([
+        values = sorted({v for e in held_out for v in e.get("groups", {}).values()})  # breakdown
+        correct, formatted, length, truncated, n, *per_value = parallel.total([
             sum(r["correct"] for r in records), sum(r["format"] for r in records),
             sum(r["length"] for r in records), sum(r["truncated"] for r in records),
-            len(records)])
+            len(records), *(sum(r["correct"] for r in records if v in r["groups"].values())
+                            for v in values),
+            *(sum(v in r["groups"].values() for r in records) for v in values)])
     result = {"step": done, "accuracy": correct / n, "format_rate": formatted / n,
               "response_length": length / n, "truncated_rate": truncated / n,
+              **{f"accuracy_{v}": c / k
+                 for v, c, k in zip(values, per_value, per_value[len(values):])},
               "problems": int(n), "seconds": clock.seconds["eval"]}
     run_folder.append(out, "eval", [result], live)
     say(f"step {done}: held-out accuracy {result['accuracy']:.3f}, format "
@@ -577,6 +592,9 @@ PRESETS = {
                 min_pixels=28 * 28, kl_beta=0.02, gradient_checkpointing=False, steps=300,
                 save_every=50, adam_betas=(0.9, 0.99), eval_every=25),
 }
+# The graded toy (plumbing/toy.py; docs/EXPERIMENT.md): where APO's terms have something to act on.
+PRESETS["toy-graded"] = dict(PRESETS["toy"], model="toy-graded", max_new_tokens=52, steps=100,
+                             eval_every=20, eval_breakdown="level", save_every=1000)
 # With --lora-rank: adapters that start at B = 0 move a weight less per step than full-parameter
 # Adam does, so they need a larger learning rate (docs/RUNNING.md, "LoRA", has the toy's sweep).
 PRESETS["toy-lora"] = dict(PRESETS["toy"], lr=5e-3, min_lr=5e-4)

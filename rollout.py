@@ -252,15 +252,6 @@ def answer(model, processor, examples: list, gen_config: GenerationConfig, batch
     return results
 
 
-def _token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """log π(target) and the entropy of π, for a chunk of positions: hidden [n, H], targets [n] -> [n], [n]."""
-    # [n, V] fp32, the sampling distribution at T; one expression, so that the logits die once normalized
-    logp_all = ((hidden @ lm_head_weight.T).float() / temperature).log_softmax(-1)
-    with torch.no_grad():  # for logging only: no graph; einsum contracts without an [n, V] product temporary
-        entropy = -torch.einsum("nv,nv->n", logp_all.exp(), logp_all)  # H = −Σ_v π_v·log π_v, [n]
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
-
-
 def shared_rows(batch: dict, dtype) -> tuple:
     """The layout that forwards each prompt once per group: one row per prompt of `batch`, the prompt (its left
     padding dropped) and then each of its responses in the batch, up to its EOS, side by side: [P | R1 | … | Rk],

@@ -1,6 +1,6 @@
 """Training data for apo.py: where rows come from, what a usable row is, and in which order the steps read them.
 
-- Sources (`load_table`): 'geo3k' (hiyouga/geometry3k), 'toy' (toy.py), any Hub dataset id, a local folder laid out
+- Sources (`load_table`): 'geo3k' (hiyouga/geometry3k), 'toy' and 'toy-graded' (toy.py), any Hub dataset id, a local folder laid out
   like one, a .parquet or .jsonl/.json file with the geo3k columns (images, problem with its '<image>' mark, answer),
   or a .json/.jsonl file in the authors' format (a 'message' chat list with image paths, plus 'answer'). Every source
   goes through `datasets`, so a local folder in the Hub layout and the Hub id take the same path. Data that cannot be
@@ -43,11 +43,12 @@ def load_table(data: str, split: str = "train", columns: tuple = COLUMNS) -> tup
     against, and the table's (image, problem, answer) column names: `columns`, or the geo3k ones for data in the
     authors' format, which is converted to them. Data that cannot be found or read, or lacks a column, stops here in
     one line (SystemExit, `read_dataset`)."""
-    if data == "toy":
+    if data in ("toy", "toy-graded"):
         from plumbing import toy
-        if split not in toy.SPLIT_SIZES:
-            raise NoSplit(f"toy: no split {split!r}; it has {', '.join(toy.SPLIT_SIZES)}")
-        return toy.toy_dataset(split), None, COLUMNS  # the same images whatever --seed: runs compare on one test split
+        sizes = toy.SPLIT_SIZES if data == "toy" else toy.GRADED_SIZES
+        if split not in sizes:
+            raise NoSplit(f"{data}: no split {split!r}; it has {', '.join(sizes)}")
+        return toy.toy_dataset(split, task=data), None, COLUMNS  # the same images whatever --seed
     name = HUB_ALIASES.get(data, data)
     path = Path(name)
     table = read_dataset(name, split)
@@ -243,10 +244,12 @@ def take_examples(table, n: int, position: int, seed: int, shuffle: bool, usable
 
 
 def held_out_examples(data: str, split: str, columns: tuple, limit: int, processor, min_pixels: int,
-                      max_pixels: int, max_prompt_tokens: int, say=print, is_training_data: bool = False) -> list:
+                      max_pixels: int, max_prompt_tokens: int, say=print, is_training_data: bool = False,
+                      breakdown: str = "") -> list:
     """The problems evaluated during training: the usable rows of `data` in `split`, up to `limit` of them (0: all);
     [] when there is no such split, or it is empty. A single file has no splits: named as held-out data
     (--eval-data) all its rows are, while the training file itself gives none. `say` tells the log which, and why.
+    `breakdown`: a column whose value each example carries in its "groups" (eval.jsonl reports accuracy per value).
     Other mistakes (no such data, a missing column) stop the run, as they do for the training data."""
     if is_training_data and Path(data).suffix in FILE_BUILDERS:
         say(f"no held-out evaluation: {data} has no {split} split (name one with --eval-data)")
@@ -256,15 +259,19 @@ def held_out_examples(data: str, split: str, columns: tuple, limit: int, process
     except NoSplit as err:
         say(f"no held-out evaluation: {err.code}")
         return []
+    if breakdown and breakdown not in table.column_names:
+        sys.exit(f"--eval-breakdown {breakdown}: no such column in {data} ({split}); it has {table.column_names}")
     examples, skipped = [], 0
     for index in range(len(table)):
         if limit and len(examples) == limit:
             break
         try:
-            examples.append(usable_example(table[index], columns, base, processor, min_pixels, max_pixels,
-                                           max_prompt_tokens))
+            row = table[index]
+            example = usable_example(row, columns, base, processor, min_pixels, max_pixels, max_prompt_tokens)
         except (BadRow, OSError):
             skipped += 1
+            continue
+        examples.append({**example, "groups": {breakdown: str(row[breakdown])}} if breakdown else example)
     say(f"held-out evaluation: {len(examples)} problems of {data} ({split}; {skipped} bad rows skipped), at step 0, "
         "every --eval-every steps and at the end")
     return examples

@@ -79,7 +79,7 @@ def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = OR
 
 def parse(fields_class, presets: dict, argv=None, description: str = ""):
     """An instance of the dataclass `fields_class` (apo.Args) from the command line `argv`: one flag per field,
-    its help being the docstring under the field; `--preset NAME` (or `--data toy`: 'toy'; with --lora-rank,
+    its help being the docstring under the field; `--preset NAME` (or `--data toy`, `--data toy-graded`: that preset; with --lora-rank,
     'NAME-lora' where there is one) replaces the defaults with presets[NAME], and flags given explicitly still
     win; every value checked against RANGES (a bad one stops here, exit 2)."""
     source = ast.parse(inspect.getsource(fields_class)).body[0].body
@@ -97,7 +97,7 @@ def parse(fields_class, presets: dict, argv=None, description: str = ""):
             parser.add_argument(flag, type=f.type, default=f.default, help=help_)
     # A preset (or --data toy) changes the defaults; flags given explicitly still win.
     known, _ = parser.parse_known_args(argv)
-    preset = known.preset or ("toy" if known.data == "toy" else "")
+    preset = known.preset or (known.data if known.data in ("toy", "toy-graded") else "")
     preset += "-lora" if known.lora_rank and f"{preset}-lora" in presets else ""
     if preset not in ("", *presets):
         parser.error(f"argument --preset: must be one of {', '.join(presets)}, got {preset!r}")

@@ -19,7 +19,7 @@ def resolve_device(device: str, dtype: str, model: str, data: str) -> tuple:
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
-        elif "toy" in (model, data):
+        elif any(name.startswith("toy") for name in (model, data)):
             device = "cpu"
         else:
             sys.exit(f"No CUDA GPU found. Training {model} on a CPU would take hours per step; "
@@ -28,7 +28,7 @@ def resolve_device(device: str, dtype: str, model: str, data: str) -> tuple:
         sys.exit(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) found; pass --device cpu for the CPU")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    if device == "cpu" and "toy" in (model, data):
+    if device == "cpu" and any(name.startswith("toy") for name in (model, data)):
         torch.set_num_threads(1)  # toy-sized matrices gain nothing from threads, and on a busy CPU lose ~10x
     return torch.device(device), dtype
 
@@ -37,9 +37,9 @@ def load_model(name: str, dtype, device, trust_remote_code: bool = False):
     """A Qwen2.5-VL policy and its processor, from a Hub id or a local folder (safetensors only)."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    if name == "toy":
+    if name in ("toy", "toy-graded"):
         from plumbing import toy
-        name = str(toy.starting_model())
+        name = str(toy.starting_model(name))
     model_config(name, trust_remote_code)
     with checkpoint_errors(name):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(

@@ -10,6 +10,7 @@ tiny model, warm-started to write the answer format. `python apo.py --data toy` 
 """
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -107,12 +108,13 @@ IMAGE_SIZE = 168
 SPLIT_SIZES = {"train": 2000, "test": 200}
 
 
-def draw_shape(sides: int, colour: str, rng: random.Random):
-    """A regular polygon of `sides` sides in `colour`, placed, sized and turned at random: a PIL RGB image."""
+def draw_shape(sides: int, colour: str, rng: random.Random, dark: bool = False):
+    """A regular polygon of `sides` sides in `colour`, placed, sized and turned at random: a PIL RGB image, on a
+    random light background (`dark`: a dark one, the graded toy's hard items)."""
     import math
     from PIL import Image, ImageDraw
 
-    background = tuple(rng.randint(225, 255) for _ in range(3))
+    background = tuple(rng.randint(20, 60) if dark else rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
     radius = rng.uniform(0.25, 0.43) * IMAGE_SIZE
     cx, cy = (rng.uniform(radius, IMAGE_SIZE - radius) for _ in range(2))
@@ -140,13 +142,69 @@ def toy_rows(split: str, seed: int) -> list:
     return rows
 
 
-def toy_dataset(split: str, seed: int = 0):
-    """The toy task as a `datasets.Dataset` with the geo3k columns: images (a list of one image), problem, answer."""
+def toy_dataset(split: str, seed: int = 0, task: str = "toy"):
+    """A toy task ('toy' or 'toy-graded') as a `datasets.Dataset` with the geo3k columns: images (a list of one
+    image), problem, answer; the graded one also has `level` (easy, hard, old)."""
     import datasets
 
-    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
-                                  "answer": datasets.Value("string")})
-    return datasets.Dataset.from_list(toy_rows(split, seed), features=features)
+    columns = {"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+               "answer": datasets.Value("string")}
+    if task == "toy":
+        return datasets.Dataset.from_list(toy_rows(split, seed), features=datasets.Features(columns))
+    rows = [{k: r[k] for k in ("images", "problem", "answer", "level")} for r in graded_rows(split, seed)]
+    return datasets.Dataset.from_list(rows, features=datasets.Features({**columns, "level": datasets.Value("string")}))
+
+
+# ------------------------------------------------------------------------------------- the graded toy task
+# `--data toy-graded`: the toy made so that each of APO's terms has something to act on (docs/EXPERIMENT.md). Each
+# precondition, and what in this task makes it hold:
+# - graded difficulty: "easy" items are the toy's shapes, which the starting model gets right ~2 times in 5;
+#   "hard" ones are red, green or blue shapes on a dark background, which it gets right ~1 time in 5, so groups
+#   with 1-3 of 8 right stay common while RL works on them;
+# - a wrong prior where it is hard: on a dark background the starting model answers DECOY ("D. yellow", never
+#   right there) 3 times in 5, so the KL toward it (the reference) pulls a policy that learns the right answer back,
+#   and DADS, which weakens that pull for the rare right answers of hard groups, has work to do;
+# - reasoning of varying length: the thought is THOUGHT and then 0 to 4 CHECK lines (7 tokens each) under a cap of
+#   52 new tokens, and the starting model writes more of them before a wrong answer than before a right one, so
+#   wrong answers run longer than right ones and STCR has a Δ to act on;
+# - an old skill that RL does not train: "old" questions ask the colour of a thing (OLD_FACTS), which the image does
+#   not show and the starting model answers right 9 times in 10; they are in the test split only, and eval.jsonl
+#   reports their accuracy apart (--eval-breakdown level): the knowledge-preservation probe.
+DECOY = "yellow"  # the hard items' wrong prior: no hard shape is yellow
+OLD_FACTS = {"the sky": "blue", "grass": "green", "a banana": "yellow", "a strawberry": "red"}
+CHECK = " Check the shape."
+GRADED_SIZES = {"train": 2000, "test": 240}  # test: 100 easy, 100 hard, 40 old
+GRADED_TARGETS = {  # the starting model's answers (its warm start's targets): P(right), P(decoy); checks before each
+    "easy": dict(right=0.5, decoy=0.0, checks_right=(0, 2), checks_wrong=(1, 4)),
+    "hard": dict(right=0.2, decoy=0.6, checks_right=(0, 2), checks_wrong=(1, 4)),
+    "old": dict(right=0.9, decoy=0.0, checks_right=(0, 1), checks_wrong=(0, 1)),
+}
+
+
+def graded_item(level: str, rng: random.Random) -> dict:
+    """One row of the graded toy: {'images', 'problem', 'answer', 'level', 'colour'}."""
+    colour = rng.choice([c for c in COLOURS if level != "hard" or c != DECOY])
+    if level == "old":  # a question about a thing, beside an unrelated shape
+        thing = rng.choice(list(OLD_FACTS))
+        image = draw_shape(rng.randint(3, 6), rng.choice(list(COLOURS)), rng)
+        colour = OLD_FACTS[thing]
+        problem = f"<image>What colour is {thing}? " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", COLOURS))
+    else:
+        image = draw_shape(rng.randint(3, 6), colour, rng, dark=level == "hard")
+        problem = QUESTION
+    return {"images": [image], "problem": problem, "answer": "ABCD"[list(COLOURS).index(colour)], "level": level,
+            "colour": colour}
+
+
+def graded_rows(split: str, seed: int = 0) -> list:
+    """The rows of a split of the graded toy, deterministic in (split, seed): train half easy, half hard; test 100
+    easy, 100 hard and 40 old, drawn from a stream of their own (the two splits share no image)."""
+    if split not in GRADED_SIZES:
+        raise ValueError(f"the graded toy has splits {sorted(GRADED_SIZES)}, not {split!r}")
+    rng = random.Random(f"toy-graded-{split}-{seed}")
+    levels = (["easy", "hard"] * (GRADED_SIZES["train"] // 2) if split == "train"
+              else ["easy"] * 100 + ["hard"] * 100 + ["old"] * 40)
+    return [graded_item(level, rng) for level in levels]
 
 
 # -------------------------------------------------------------------------------------------- the starting model
@@ -158,30 +216,50 @@ def toy_dataset(split: str, seed: int = 0):
 # answers does not learn to read the colour within minutes). Its thought is always the same sentence: with a few
 # thoughts to choose from, RL spent 200 steps on which thought to write and none on the colour.
 THOUGHT = "Find the shape in the image."
-WARM_START = dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4})
+# The warm starts, per task: the graded toy's has more to learn (the colours, pale ones, the decoys, the facts).
+WARM_START = {"toy": dict(seed=0, steps=200, batch_size=16, lr=3e-3, model={"num_hidden_layers": 4}),
+              "toy-graded": dict(seed=0, steps=1000, batch_size=24, lr=3e-3, model={"num_hidden_layers": 4})}
 CACHE = Path(__file__).resolve().parents[1] / ".toy_cache"               # git-ignored
 
 
-def warm_start_target(rng: random.Random) -> str:
-    """A response in the format with a random letter: the format, not the answer."""
-    return f"<think> {THOUGHT} </think> <answer> {rng.choice('ABCD')} </answer>"
+def warm_start_target(row: dict, rng: random.Random, task: str = "toy") -> str:
+    """A response in the format. The toy's: a random letter (the format, not the answer). The graded toy's: drawn
+    from GRADED_TARGETS for the row's level (the right letter, the decoy or another), after THOUGHT and as many CHECK
+    lines as GRADED_TARGETS gives a right or a wrong answer."""
+    if task == "toy":
+        return f"<think> {THOUGHT} </think> <answer> {rng.choice('ABCD')} </answer>"
+    targets, right_colour = GRADED_TARGETS[row["level"]], row["colour"]
+    u = rng.random()
+    if u < targets["right"]:
+        colour = right_colour
+    elif u < targets["right"] + targets["decoy"]:
+        colour = DECOY
+    else:
+        colour = rng.choice([c for c in COLOURS if c != right_colour and (not targets["decoy"] or c != DECOY)])
+    checks = rng.randint(*targets["checks_right" if colour == right_colour else "checks_wrong"])
+    return f"<think> {THOUGHT}{CHECK * checks} </think> <answer> {'ABCD'[list(COLOURS).index(colour)]} </answer>"
 
 
-def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: int):
-    """Supervised fine-tuning on format-only targets: mean −log π(target token) over the target tokens."""
+def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: int, task: str = "toy"):
+    """Supervised fine-tuning on `warm_start_target`s: mean −log π(target token) over the target tokens."""
     import rollout
 
     rng = random.Random(seed)
-    rows = toy_rows("train", seed=-1 - seed)  # drawings of their own, not the task's train or test images
+    # drawings of their own, not the task's train or test images
+    rows = toy_rows("train", seed=-1 - seed) if task == "toy" else [
+        graded_item(level, rng) for level in ["easy", "hard", "old"] * 700]
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    # the graded toy's longer warm start ends on a cosine to lr/10, so that it settles on its targets' odds
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0 if task == "toy" else
+                                                 0.1 + 0.45 * (1 + math.cos(math.pi * k / steps)))
     model.train()
     for _ in range(steps):
         picked = rng.sample(rows, batch_size)
         prompts = rollout.encode_prompts(processor, [r["images"][0] for r in picked], [r["problem"] for r in picked],
                                          28 * 28, IMAGE_SIZE ** 2)
-        targets = [tok(warm_start_target(rng))["input_ids"] + [eos] for _ in picked]
+        targets = [tok(warm_start_target(r, rng, task))["input_ids"] + [eos] for r in picked]
         width = max(map(len, targets))
         target_ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in targets])   # [n, T]
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])            # [n, T]
@@ -194,10 +272,12 @@ def warm_start(model, processor, steps: int, batch_size: int, lr: float, seed: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
 
 
-def starting_model() -> Path:
-    """The toy's starting model (`--model toy`): built on first use (20-40 s), then read from `.toy_cache/`.
+def starting_model(task: str = "toy") -> Path:
+    """The starting model of a toy task (`--model toy`, `--model toy-graded`): built on first use (20-40 s; the
+    graded one's about 2 min), then read from `.toy_cache/`.
 
     The folder name holds a hash of this file, so a changed recipe builds a new model. The build happens in a
     temporary folder renamed into place when complete: a killed build leaves nothing half-written, and of two
@@ -208,7 +288,9 @@ def starting_model() -> Path:
     import shutil
     import tempfile
 
-    final = CACHE / f"starting-model-{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]}"
+    name = "starting-model" if task == "toy" else f"{task}-starting-model"
+    final = CACHE / f"{name}-{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]}"
+    recipe = WARM_START[task]
     if (final / "config.json").exists():
         return final
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -220,10 +302,10 @@ def starting_model() -> Path:
     try:
         with torch.random.fork_rng():
             torch.set_num_threads(1)
-            build_model_folder(tmp, WARM_START["seed"], **WARM_START["model"])
+            build_model_folder(tmp, recipe["seed"], **recipe["model"])
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
-            warm_start(model, build_processor(), WARM_START["steps"], WARM_START["batch_size"], WARM_START["lr"],
-                       WARM_START["seed"])
+            warm_start(model, build_processor(), recipe["steps"], recipe["batch_size"], recipe["lr"],
+                       recipe["seed"], task)
             model.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
         try:

@@ -16,10 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import apo  # noqa: E402
-from plumbing import parallel  # noqa: E402
+from plumbing import models, parallel  # noqa: E402
 import rollout  # noqa: E402
-from plumbing import run_folder  # noqa: E402
-from plumbing import models
 from plumbing.adamw import AdamW  # noqa: E402
 from conftest import minibatch_gradients  # noqa: E402
 

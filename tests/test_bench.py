@@ -5,9 +5,7 @@ import json
 import pytest
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-import apo
 from plumbing import models
 
 

@@ -8,12 +8,9 @@ import datasets
 import pytest
 
 import apo
-from plumbing import flags
+from plumbing import data, flags, models, run_folder
 from tools import bench
-from plumbing import data
 import eval as evaluate
-from plumbing import run_folder
-from plumbing import models
 from conftest import REPO, Processes, png_bytes
 
 # ------------------------------------------------------------------------------------------------------- flags
@@ -69,7 +66,7 @@ BAD_FLAGS = [
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
     (["--kl-beta", "nan"], "argument --kl-beta: must be a finite number, got nan"),
     (["--data", "toy", "--lr", "0"], "argument --lr: must be > 0, got 0.0"),  # a preset's values are checked too
-    (["--preset", "paper"], "argument --preset: must be one of authors, toy, toy-lora, got 'paper'"),
+    (["--preset", "paper"], "argument --preset: must be one of authors, toy, toy-graded, toy-lora, got 'paper'"),
 ]
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from plumbing import run_folder
 from plumbing import pictures
 from conftest import PAUSED, REPO, TIMING_KEYS, Processes, read_jsonl, wait_for
 from test_run_folder import toy_args

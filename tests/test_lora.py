@@ -7,12 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plumbing import adamw
+from plumbing import adamw, models, run_folder
 import apo
 import rollout
 from conftest import minibatch_gradients
-from plumbing import run_folder
-from plumbing import models
 from test_run_folder import assert_same_state, resume_after_step_2, run_logs, toy_args
 
 CPU = torch.device("cpu")

@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from plumbing import adamw
+from plumbing import adamw, models
 import apo
 import parallel_worker
-from plumbing import run_folder
-from plumbing import models
 from conftest import minibatch_gradients, PAUSED, REPO, Processes, read_jsonl, wait_for, without_timings
 
 pytestmark = pytest.mark.slow  # whole runs in processes of their own: the full suite only

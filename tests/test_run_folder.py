@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from plumbing import adamw
+from plumbing import adamw, data, models, run_folder, toy
 import apo
-from plumbing import data
 import rollout
-from plumbing import run_folder
-from plumbing import toy
-from plumbing import models
 from conftest import (PAUSED, REPO, TIMING_KEYS, Processes, png_bytes, read_jsonl, wait_for, without_timings,
                       write_hub_layout)
 

@@ -9,16 +9,12 @@ import math
 import pytest
 import torch
 
-from plumbing import adamw
+from plumbing import adamw, data, models, toy
 import apo
-from plumbing import data
 import eval as evaluate
 import reward
 import rollout
 from conftest import minibatch_gradients
-from plumbing import run_folder
-from plumbing import toy
-from plumbing import models
 
 
 
@@ -187,6 +183,21 @@ def test_a_step_gives_the_gradient_of_the_apo_loss_written_out(toy_dir, tmp_path
         for key, name in (("advantages0", "advantages0"), ("stcr_multipliers", "multipliers"),
                           ("advantages", "advantages"), ("kl_weights", "kappas")):
             assert sample[key] == pytest.approx(terms[name][group], rel=1e-5, abs=1e-6), key
+    # each response's KL_i (its update's ℓ_θ against the reference, token mean of k3), and the step's metrics that
+    # read it and κ: worked out here from the same weights
+    with torch.no_grad():
+        policy_logp = naive_logprobs(model_with(step["weights"]), batch, rows, args.temperature)
+        ref_logp = naive_logprobs(model_with(STARTING), batch, rows, args.temperature)
+    kl = [((r - lp).exp() - (r - lp) - 1).mean().item() for lp, r in zip(policy_logp, ref_logp)]
+    for g, sample in enumerate(logged[6:]):
+        assert sample["kl"] == pytest.approx(kl[8 * g:8 * g + 8], rel=1e-4, abs=1e-7)
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    right = [a > 0 for a in terms["accuracy"]]
+    k_of = [sum(right[8 * (i // 8):8 * (i // 8) + 8]) for i in range(48)]
+    right_positive = [k for k, r, a in zip(kappas, right, advantages) if r and a > 0]
+    assert metrics["dads_weight_correct_mean"] == pytest.approx(sum(right_positive) / len(right_positive))
+    hard_right = [x for x, r, k in zip(kl, right, k_of) if r and 1 <= k <= 3]
+    assert hard_right and metrics["kl_correct_hard"] == pytest.approx(sum(hard_right) / len(hard_right), rel=1e-4)
     print(f"\n{method}: gradient off by {gradient_distance(step['grads'], expected):.1e} of its largest entry")
 
     if is_apo:  # the batch is one where each wiring fault changes the gradient

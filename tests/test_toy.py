@@ -1,6 +1,7 @@
 """The toy task: its data, its starting model, a short APO run that learns it, eval.py on it, and the run plots."""
 import hashlib
 import json
+import random
 from collections import Counter
 
 import numpy as np
@@ -8,14 +9,10 @@ import pytest
 import torch
 
 import apo
-from plumbing import data
+from plumbing import data, models, pictures, toy
 import eval as evaluate
 import reward
 import rollout
-from plumbing import run_folder
-from plumbing import toy
-from plumbing import models
-from plumbing import pictures
 from conftest import geo3k_rows
 
 
@@ -191,3 +188,48 @@ def test_eval_on_a_geo3k_layout_folder(tmp_path, tiny_model_dir, geo3k_dir):
     lengths = [r["length"] for r in responses]
     assert all(1 <= n <= 4 for n in lengths) and result["mean_response_length_wrong"] == sum(lengths) / 2
     assert [r["answer"] for r in responses] == [r["answer"] for r in geo3k_rows()[8:]]
+
+
+# ------------------------------------------------------------------------------------------- the graded toy
+def test_the_graded_toy_has_its_levels_and_the_preconditions_of_its_targets():
+    """docs/EXPERIMENT.md §2: the splits' levels and sizes; hard shapes on a dark background and never yellow (the
+    decoy is never right there); old questions answered by their fact; and the starting model's targets drawn with
+    the registered odds: on hard items the decoy 3 times in 5, the right letter 1 in 5, and more check lines before
+    a wrong answer than before a right one."""
+    train, test = toy.graded_rows("train"), toy.graded_rows("test")
+    assert Counter(r["level"] for r in train) == {"easy": 1000, "hard": 1000}
+    assert Counter(r["level"] for r in test) == {"easy": 100, "hard": 100, "old": 40}
+    for r in train[:40] + test:
+        corner = r["images"][0].getpixel((0, 0))
+        assert (max(corner) <= 60) == (r["level"] == "hard"), r["level"]
+        assert r["answer"] == "ABCD"[list(toy.COLOURS).index(r["colour"])]
+        if r["level"] == "hard":
+            assert r["colour"] != toy.DECOY
+        if r["level"] == "old":
+            thing = next(t for t in toy.OLD_FACTS if t in r["problem"])
+            assert toy.OLD_FACTS[thing] == r["colour"]
+    rng, hard = random.Random(0), next(r for r in train if r["level"] == "hard")
+    drawn = [toy.warm_start_target(hard, rng, "toy-graded") for _ in range(4000)]
+    letters = Counter(reward.extract_answer(t) for t in drawn)
+    assert abs(letters["D"] / 4000 - 0.6) < 0.03 and abs(letters[hard["answer"]] / 4000 - 0.2) < 0.03
+    checks = {True: [], False: []}
+    for t in drawn:
+        checks[reward.extract_answer(t) == hard["answer"]].append(t.count(toy.CHECK))
+    assert max(checks[True]) <= 2 and min(checks[False]) >= 1
+    assert sum(checks[False]) / len(checks[False]) > sum(checks[True]) / len(checks[True]) + 1
+    assert all(reward.format_reward(t) == 0.5 for t in drawn[:50])
+
+
+def test_eval_breakdown_reports_each_level_apart(tmp_path):
+    """--eval-breakdown level: eval.jsonl holds accuracy_easy, accuracy_hard and accuracy_old, whose weighted mean
+    is the accuracy; a column the data lacks stops in one line."""
+    args = ["--model", "toy", "--data", "toy-graded", "--steps", "1", "--prompts-per-step", "2", "--group-size",
+            "2", "--mini-batch-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "24", "--eval-every", "1",
+            "--save-every", "1000"]
+    out = apo.train(apo.parse_args([*args, "--out", str(tmp_path / "run")]))
+    first = json.loads((out / "eval.jsonl").read_text().splitlines()[0])
+    assert first["problems"] == 240
+    total = 100 * first["accuracy_easy"] + 100 * first["accuracy_hard"] + 40 * first["accuracy_old"]
+    assert total == pytest.approx(240 * first["accuracy"])
+    with pytest.raises(SystemExit, match="--eval-breakdown colour: no such column"):
+        apo.train(apo.parse_args([*args, "--eval-breakdown", "colour", "--out", str(tmp_path / "other")]))
