@@ -125,7 +125,9 @@ class Args:
     keep_last: int = 2
     """checkpoints kept (the oldest are deleted; 0: all)"""
     log_samples: int = 2
-    """prompts per step whose responses go to samples.jsonl"""
+    """prompts per step whose responses go to samples.jsonl: the step's first ones"""
+    log_random_samples: int = 2
+    """and this many more, drawn at random among the step's others (samples.jsonl: "chosen")"""
     preset: str = ""
     """'authors': the authors' schedule where one GPU allows (APO_SPEC §8); explicit flags win"""
     # LoRA and live logging (docs/RUNNING.md)
@@ -410,11 +412,17 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
                     "kl_weights": kl_weights, "kl": stats.pop("kl_per_response").view(B, G)}
     metrics = step_metrics(step, per_response, accuracy, fmt, batch["truncated"], stats, clock,
                            state, optimizer.param_groups[0]["lr"])
-    # the first --log-samples groups, each response with its numbers (eval.py --explain shows them)
-    samples = [{"step": step, "problem": e["problem"], "answer": e["answer"], "row": e.get("row"),
-                "difficulty": d.item(), "responses": batch["texts"][b * G:(b + 1) * G],
-                **{k: v[b].tolist() for k, v in per_response.items()}}
-               for b, (e, d) in enumerate(zip(examples[:args.log_samples], difficulty(correct)))]
+    # the first --log-samples groups and --log-random-samples more drawn at random (keyed by the step: the global
+    # random streams are left alone), each response with its numbers (eval.py --explain shows them)
+    first = list(range(min(args.log_samples, B)))
+    rest = range(len(first), B)
+    drawn = sorted(random.Random(f"{args.seed}-{step}").sample(rest, min(args.log_random_samples, len(rest))))
+    d, fmt, truncated = difficulty(correct), fmt.view(B, G), batch["truncated"].view(B, G)
+    samples = [{"step": step, "chosen": "first" if b in first else "random", "problem": examples[b]["problem"],
+                "answer": examples[b]["answer"], "row": examples[b].get("row"), "difficulty": d[b].item(),
+                "responses": batch["texts"][b * G:(b + 1) * G], "format": fmt[b].tolist(),
+                "truncated": truncated[b].tolist(), **{k: v[b].tolist() for k, v in per_response.items()}}
+               for b in first + drawn]
     return metrics, samples
 
 

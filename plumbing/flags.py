@@ -43,6 +43,7 @@ RANGES = [
     ("save_every", lambda v: v >= 1, ">= 1"),
     ("keep_last", lambda v: v >= 0, ">= 0 (0: all)"),
     ("log_samples", lambda v: v >= 0, ">= 0"),
+    ("log_random_samples", lambda v: v >= 0, ">= 0"),
     ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("dtype", lambda v: v in ("auto", "bfloat16", "float32"), "'auto', 'bfloat16' or 'float32'"),
     ("micro_batch_size", lambda v: v >= 1, ">= 1"),

@@ -55,6 +55,7 @@ BAD_FLAGS = [
     (["--save-every", "0"], "argument --save-every: must be >= 1, got 0"),
     (["--keep-last", "-1"], "argument --keep-last: must be >= 0 (0: all), got -1"),
     (["--log-samples", "-1"], "argument --log-samples: must be >= 0, got -1"),
+    (["--log-random-samples", "-2"], "argument --log-random-samples: must be >= 0, got -2"),
     (["--device", "tpu"], "argument --device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     (["--device", "cuda:x"], "argument --device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
     (["--dtype", "float16"], "argument --dtype: must be 'auto', 'bfloat16' or 'float32', got 'float16'"),
@@ -92,7 +93,7 @@ def test_the_edges_of_each_range_are_allowed():
     args = apo.parse_args(["--kl-beta", "0", "--stcr-base", "1", "--min-lr", "1e-6", "--warmup-ratio", "0",
                            "--adam-betas", "0", "0.999", "--weight-decay", "0", "--top-p", "1", "--steps", "0",
                            "--seed", "-1", "--eval-every", "0", "--eval-limit", "0", "--keep-last", "0",
-                           "--log-samples", "0", "--generation-batch-size", "0", "--min-pixels", "401408",
+                           "--log-samples", "0", "--log-random-samples", "0", "--generation-batch-size", "0", "--min-pixels", "401408",
                            "--device", "cuda:1", "--mini-batch-size", "1", "--prompts-per-step", "1"])
     assert (args.kl_beta, args.min_lr, args.adam_betas, args.seed, args.device) == (0, 1e-6, (0, 0.999), -1,
                                                                                       "cuda:1")

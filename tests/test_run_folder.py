@@ -139,7 +139,10 @@ def test_run_folder_metrics_samples_and_bad_rows(tiny_model_dir, toy_geo_dir, tm
     log = capsys.readouterr()
     assert sum("skipping row" in line for line in (log.out + log.err).splitlines()) == 3
     samples = read_jsonl(out / "samples.jsonl")
-    assert len(samples) == 3 and len(samples[0]["responses"]) == 4 and len(samples[0]["advantages"]) == 4
+    # per step of 2 prompts: the first (--log-samples 1) and the other, drawn at random (--log-random-samples 2)
+    assert [(s["step"], s["chosen"]) for s in samples] == [(k, c) for k in range(3) for c in ("first", "random")]
+    assert len(samples[0]["responses"]) == 4 and len(samples[0]["advantages"]) == len(samples[0]["format"]) == 4
+    assert samples[0]["truncated"] == [False] * 4 or any(samples[0]["truncated"])
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-000002", "final"]
     state = torch.load(out / "checkpoint-000002" / "trainer_state.pt", weights_only=False)
     assert state["state"]["step"] == 2 and state["optimizer"]["state"]
