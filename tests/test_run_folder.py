@@ -142,7 +142,9 @@ def test_run_folder_metrics_samples_and_bad_rows(tiny_model_dir, toy_geo_dir, tm
     # per step of 2 prompts: the first (--log-samples 1) and the other, drawn at random (--log-random-samples 2)
     assert [(s["step"], s["chosen"]) for s in samples] == [(k, c) for k in range(3) for c in ("first", "random")]
     assert len(samples[0]["responses"]) == 4 and len(samples[0]["advantages"]) == len(samples[0]["format"]) == 4
-    assert samples[0]["truncated"] == [False] * 4 or any(samples[0]["truncated"])
+    # a random model rarely ends within 8 tokens: cut responses are those of 8 tokens with no end
+    flags = [(t, n) for s in samples for t, n in zip(s["truncated"], s["lengths"])]
+    assert any(t for t, _ in flags) and all(n == 8 for t, n in flags if t)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-000002", "final"]
     state = torch.load(out / "checkpoint-000002" / "trainer_state.pt", weights_only=False)
     assert state["state"]["step"] == 2 and state["optimizer"]["state"]
