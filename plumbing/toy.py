@@ -110,18 +110,19 @@ SPLIT_SIZES = {"train": 2000, "test": 200}
 
 def draw_shape(sides: int, colour: str, rng: random.Random, dark: bool = False):
     """A regular polygon of `sides` sides in `colour`, placed, sized and turned at random: a PIL RGB image, on a
-    random light background (`dark`: a dark one, the graded toy's hard items)."""
+    random light background (`dark`: the graded toy's hard items, a dim small shape on a dark background)."""
     import math
     from PIL import Image, ImageDraw
 
     background = tuple(rng.randint(20, 60) if dark else rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
-    radius = rng.uniform(0.25, 0.43) * IMAGE_SIZE
+    radius = rng.uniform(0.25, 0.43) * IMAGE_SIZE * (0.5 if dark else 1)
     cx, cy = (rng.uniform(radius, IMAGE_SIZE - radius) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     corners = [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
                 cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
-    ImageDraw.Draw(image).polygon(corners, fill=COLOURS[colour])
+    fill = tuple(round(c + 0.4 * (b - c)) for c, b in zip(COLOURS[colour], background)) if dark else COLOURS[colour]
+    ImageDraw.Draw(image).polygon(corners, fill=fill)
     return image
 
 
@@ -159,8 +160,8 @@ def toy_dataset(split: str, seed: int = 0, task: str = "toy"):
 # `--data toy-graded`: the toy made so that each of APO's terms has something to act on (docs/EXPERIMENT.md). Each
 # precondition, and what in this task makes it hold:
 # - graded difficulty: "easy" items are the toy's shapes, which the starting model gets right ~2 times in 5;
-#   "hard" ones are red, green or blue shapes on a dark background, which it gets right ~1 time in 5, so groups
-#   with 1-3 of 8 right stay common while RL works on them;
+#   "hard" ones are small, dim red, green or blue shapes on a dark background, which it gets right ~1 time in 5
+#   and whose colour is harder to read, so groups with 1-3 of 8 right stay common while RL works on them;
 # - a wrong prior where it is hard: on a dark background the starting model answers DECOY ("D. yellow", never
 #   right there) 3 times in 5, so the KL toward it (the reference) pulls a policy that learns the right answer back,
 #   and DADS, which weakens that pull for the rare right answers of hard groups, has work to do;
