@@ -601,7 +601,7 @@ PRESETS = {
                 save_every=50, adam_betas=(0.9, 0.99), eval_every=25),
 }
 # The graded toy (plumbing/toy.py; docs/EXPERIMENT.md): where APO's terms have something to act on.
-PRESETS["toy-graded"] = dict(PRESETS["toy"], model="toy-graded", max_new_tokens=52, steps=100,
+PRESETS["toy-graded"] = dict(PRESETS["toy"], model="toy-graded", max_new_tokens=52, steps=80, kl_beta=0.1,
                              eval_every=20, eval_breakdown="level", save_every=1000)
 # With --lora-rank: adapters that start at B = 0 move a weight less per step than full-parameter
 # Adam does, so they need a larger learning rate (docs/RUNNING.md, "LoRA", has the toy's sweep).
