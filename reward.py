@@ -47,7 +47,7 @@ from typing import NamedTuple
 from latex2sympy2_extended.math_normalization import units as UNIT_NAMES
 from math_verify import parse, verify
 from math_verify.parser import LatexExtractionConfig
-from sympy import Abs, Basic, E, Eq, Float, Mul, Pow, Rational, S, Symbol, Tuple, exp
+from sympy import Abs, Basic, E, Eq, Float, Mul, Pow, Rational, S, Symbol, Tuple, exp, sstr
 from sympy.core.function import AppliedUndef
 from sympy.core.parameters import global_parameters
 from sympy.core.relational import Relational
@@ -463,34 +463,36 @@ def explain(response: str, answer: str) -> dict:
       reading: the answer read the gold's way (None where it reads as nothing);
     - accuracy, format: accuracy_reward's and format_reward's own values, so that the page can never disagree
       with training;
-    - reason: why each 0 is a 0 ("another value: 5 for 8", "the format: no </think>"), None at full reward.
+    - accuracy_reason, format_reason: why that reward is 0 ("another value: 5 for 8", "the format: no </think>"),
+      None where it is not; reason: both, joined (None at full reward).
     Never raises."""
     out = {"answer": None, "source": None, "gold_kind": None, "gold_reading": None, "reading": None,
-           "accuracy": accuracy_reward(response, answer), "format": format_reward(response), "reason": None}
+           "accuracy": accuracy_reward(response, answer), "format": format_reward(response)}
     if not isinstance(response, str):
-        return dict(out, reason="the response is not a string")
+        why = "the response is not a string"
+        return dict(out, accuracy_reason=why, format_reason=why, reason=why)
     tagged = _answer_span(response)[1]
     final, boxes = _final_answer(response)
     out["answer"] = final
     if final is not None:
         out["source"] = ("\\boxed in <answer>" if boxes else "<answer>") if tagged else "\\boxed, no <answer>"
-    gold, reasons = parse_gold(answer), []
+    gold, why = parse_gold(answer), None
     if gold is not None:
         out.update(gold_kind=gold.kind, gold_reading=_shown(gold.value))
     if final and gold is not None:
         reading, why = budgeted(_read_against, final, boxes, gold) or (None, None)
         out["reading"] = None if reading is None else _shown(reading)
-    if out["accuracy"] == 0:
-        if gold is None:
-            reasons.append("the gold is not usable (a data error: training reports and skips its row)")
-        elif final is None:
-            reasons.append("an <answer> never closed, and no \\boxed{…}" if "<answer>" in response else
-                           "no answer tags and no \\boxed{…}")
-        else:  # (no reason read: out of time, here or in accuracy_reward)
-            reasons.append("an empty answer" if not final else why or "the check ran out of time")
-    if out["format"] == 0:
-        reasons.append(f"the format: {_format_fault(response)}")
-    return dict(out, reason="; ".join(reasons) or None)
+    if out["accuracy"] == 1:
+        why = None
+    elif gold is None:
+        why = "the gold is not usable (a data error: training reports and skips its row)"
+    elif final is None:
+        why = "an <answer> never closed, and no \\boxed{…}" if "<answer>" in response else \
+            "no answer tags and no \\boxed{…}"
+    else:  # (no reason read: out of time, here or in accuracy_reward)
+        why = "an empty answer" if not final else why or "the check ran out of time"
+    fault = None if out["format"] else f"the format: {_format_fault(response)}"
+    return dict(out, accuracy_reason=why, format_reason=fault, reason="; ".join(filter(None, (why, fault))) or None)
 
 
 def _read_against(answer: str, boxes: list, gold: Gold) -> tuple:
@@ -518,10 +520,11 @@ def _read_against(answer: str, boxes: list, gold: Gold) -> tuple:
 
 
 def _shown(value) -> str:
-    """A reading as text: x = 5 for Eq(x, 5), {1, 2} for a set; a letter or a normalized text as it is."""
+    """A reading as text: x = 5 for Eq(x, 5), {1, 2} for a set, 0.57 for 0.570000000000000; a letter or a normalized
+    text as it is."""
     if isinstance(value, Relational):
         return f"{_shown(value.lhs)} {'=' if isinstance(value, Eq) else value.rel_op} {_shown(value.rhs)}"
-    return str(value)
+    return sstr(value, full_prec=False) if isinstance(value, (Basic, MatrixBase)) else str(value)
 
 
 def _format_fault(response: str) -> str:
