@@ -5,7 +5,9 @@
     python eval.py --model M --bench mathverse --data path/to/MathVerse            # a local copy, Hub layout or parquet
     python eval.py --model runs/toy/final --baseline toy --data toy --samples 4    # training-format data, pass@4
     python eval.py --plot runs/apo runs/grpo --out curves.png                       # training curves of run folders
+    python eval.py --plot apo=runs/apo-s0,runs/apo-s1 grpo=runs/grpo-s0,runs/grpo-s1  # seeds of two methods
     python eval.py --explain runs/toy                                               # a page of a run's groups
+    python eval.py --explain runs/apo/table1.json                                   # ... of an evaluation's answers
 
 How a benchmark is scored (the authors released no evaluation; the README's "Reproducing Table 1" says why absolute
 numbers differ from official ones): each row becomes images, the problem text, a gold and its kind
@@ -21,11 +23,17 @@ the problem, then "think in <think>, answer in <answer>"); `score` checks the fi
 - the final answer is the <answer> block's (or its \\boxed{…}), else the last \\boxed{…}; otherwise 0: no random
   guess, no judge. A short sentence that states one value ("The length is 14 cm") is read as that value, in every
   kind, as in training (reward.py).
+
+To check the grader where a misread answer costs most, `--explain RESULT.json` writes RESULT.html: each problem with
+every model's response, the final answer as `score` read it (`explain_score`) beside the gold's reading, and why
+each 0 is a 0, with filters (wrong only, cut at the token limit, models disagree, a benchmark). `--explain RUN`
+writes the same page for a run's logged groups (plumbing/pictures.py `explain`).
 """
 
 import argparse
 import ast
 import dataclasses
+import html
 import json
 import re
 from pathlib import Path
@@ -192,6 +200,18 @@ def _chosen(answer: str, options: list) -> list:
     return chosen if len({texts[i] for i in chosen}) == 1 else []
 
 
+def _number_of(answer: str) -> float | None:
+    """The real number an answer gives, units ignored: math-verify drops the ones it knows, and here what follows
+    the number ("1.25 J"); "W = 1.2": the value its right side gives, as in training. None where there is none."""
+    for text in (answer, re.sub(r"(?<=[\d}])\s*[^\d\s{}][^\d{}]*$", "", answer)):
+        value = reward.math_value(text)
+        if getattr(value, "rel_op", None) == "==":
+            value = value.rhs
+        if value is not None and getattr(value, "is_number", False) and value.is_real:
+            return float(value)
+    return None
+
+
 def _is_right(example: dict, response: str) -> bool:
     answer = reward.extract_answer(response)
     if not answer:
@@ -204,15 +224,9 @@ def _is_right(example: dict, response: str) -> bool:
             return i == right or max(i, right) < len(options) and \
                 reward.plain_text(options[i]) == reward.plain_text(options[right])
         return right in _chosen(answer, options)
-    if example.get("kind") == "number":  # units ignored: math-verify drops the ones it knows, and here what follows
-        for text in (answer, re.sub(r"(?<=[\d}])\s*[^\d\s{}][^\d{}]*$", "", answer)):  # the number ("1.25 J")
-            value = reward.math_value(text)
-            if getattr(value, "rel_op", None) == "==":  # "W = 1.2": the value its right side gives, as in training
-                value = value.rhs
-            if value is not None and getattr(value, "is_number", False) and value.is_real:
-                digits = example["precision"] or 0
-                return round(float(value), digits) == round(float(golds[0]), digits)
-        return False
+    if example.get("kind") == "number":
+        value, digits = _number_of(answer), example.get("precision") or 0
+        return value is not None and round(value, digits) == round(float(golds[0]), digits)
     for gold in golds:  # math, text, and training-format data (no kind: the training reward itself)
         parsed = reward.parse_gold(gold)
         if parsed is not None and reward.is_correct(response, parsed) or \
@@ -225,6 +239,45 @@ def score(example: dict, response: str) -> float:
     """1.0 when the response's final answer is right by the rule of the example's kind (module docstring), else
     0.0. Never raises; the training reward's time budget (CPU time) applies."""
     return 1.0 if reward.budgeted(_is_right, example, response) else 0.0
+
+
+def explain_score(example: dict, response: str) -> dict:
+    """How `score` read a response, in reward.explain's terms (answer, source, gold_kind, gold_reading, reading,
+    accuracy, format, the reasons), with score's own accuracy: a letter gold by the answer's letter, or else the
+    option whose text or value it gives; a number rounded to the row's precision; any other gold as the training
+    reward reads it (the first of several golds that the answer gives, else the first). Never raises."""
+    accuracy, golds = score(example, response), example.get("answer")
+    golds = golds if isinstance(golds, list) and golds else [golds]
+    explained = [reward.explain(response, g if isinstance(g, str) else "") for g in golds]
+    e = next((x for x in explained if x["accuracy"]), explained[0])
+    kind, answer = example.get("kind"), e["answer"]
+    read = reward.budgeted(_read_by_kind, example, answer, accuracy) if answer and kind in ("letter", "number") \
+        else None
+    if read:
+        e = dict(e, **read)
+    elif kind == "math" and accuracy and not e["accuracy"]:  # math, equal as text: the gold's text, exactly
+        e = dict(e, reading=reward.plain_text(answer))
+    why = None if accuracy else e["accuracy_reason"] or "another answer"
+    return dict(e, accuracy=accuracy, gold_kind=kind or e["gold_kind"], accuracy_reason=why,
+                reason="; ".join(filter(None, (why, e["format_reason"]))) or None)
+
+
+def _read_by_kind(example: dict, answer: str, accuracy: float) -> dict:
+    golds = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
+    if example["kind"] == "number":
+        digits = int(example.get("precision") or 0)
+        value, gold = _number_of(answer), f"{float(golds[0]):.{digits}f}"
+        reading = None if value is None else f"{value:.{digits}f}"
+        why = "no number read" if value is None else f"another number: {reading} for {gold}"
+        return {"reading": reading, "gold_reading": gold, "accuracy_reason": None if accuracy else why}
+    letter, options = reward.letter_of(answer), example.get("choices") or []
+    if letter:
+        return {"reading": letter, "gold_reading": golds[0],
+                "accuracy_reason": None if accuracy else f"another letter: {letter} for {golds[0]}"}
+    chosen = "".join(chr(65 + i) for i in _chosen(answer, options)) or None  # no letter: an option by its text
+    why = "no letter, and no one option's text or value" if options else "no letter (the options are not at hand)"
+    return {"reading": chosen and f"option {chosen}", "gold_reading": golds[0],
+            "accuracy_reason": None if accuracy else f"another option: {chosen} for {golds[0]}" if chosen else why}
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate
@@ -245,6 +298,7 @@ def evaluate(model, processor, examples: list, cfg, samples: int = 0, batch_size
     for e, a, d in zip(examples, answers, drawn):
         text = a["texts"][0]
         record = {"problem": e["problem"], "answer": e["answer"], "kind": e.get("kind"), "groups": e.get("groups", {}),
+                  "choices": e.get("choices"), "precision": e.get("precision"),  # (how `score` reads it)
                   "response": text, "correct": score(e, text) > 0, "format": reward.format_reward(text) > 0,
                   "length": a["lengths"][0], "truncated": a["truncated"][0]}
         if d is not None:
@@ -316,26 +370,81 @@ def details(results: dict, benches: list) -> str:
 
 
 def bar_chart(results: dict, benches: list, path: Path):
-    """Accuracy and mean response length per benchmark, one bar per model."""
+    """Accuracy and mean response length per benchmark (above and below), one bar per model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(benches) + 3), 3.6))
-    width = 0.8 / len(results)
-    for ax, (key, unit) in zip(axes, (("accuracy", "accuracy"), ("mean_response_length", "tokens"))):
-        for j, (model, by_bench) in enumerate(results.items()):
-            bars = ax.bar([i + j * width for i in range(len(benches))], [by_bench[b][key] or 0 for b in benches],
-                          width, label=model)
-            ax.bar_label(bars, fmt="%.2f" if key == "accuracy" else "%.0f", fontsize=7)
-        ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(benches))],
-                      [TITLES.get(b, b) for b in benches], fontsize=8)
-        ax.set_ylabel(unit)
-    axes[0].set_ylim(0, 1.1)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 11, "legend.fontsize": 10}):
+        fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(benches) + 1), 6.4))  # 8 in: 800 px shows it whole
+        width = 0.8 / len(results)
+        for ax, (key, unit) in zip(axes, (("accuracy", "accuracy"), ("mean_response_length", "tokens"))):
+            for j, (model, by_bench) in enumerate(results.items()):
+                bars = ax.bar([i + j * width for i in range(len(benches))],
+                              [by_bench[b][key] or 0 for b in benches], width, label=model)
+                ax.bar_label(bars, fmt="%.2f" if key == "accuracy" else "%.0f", fontsize=9)
+            ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(benches))],
+                          [TITLES.get(b, b) for b in benches])
+            ax.set_ylabel(unit)
+            ax.margins(y=0.12)  # room for the bars' labels
+        axes[0].set_ylim(0, 1.1)
+        axes[0].legend()
+        pictures.save_figure(fig, path)
+
+
+def explain_results(path: Path) -> Path:
+    """RESULT.html beside an eval.py result JSON: the page of `pictures.explain` for an evaluation. Each problem of
+    each benchmark with every model's response, its accuracy, format and length (✂: cut at the token limit), the
+    final answer as `score` read it (explain_score, today's grader) beside the gold's reading, and why each 0 is a 0;
+    filters: wrong only, cut only, the problems where models disagree, a benchmark. JSONs of earlier versions
+    (without the options and precision of each problem) read letters and numbers with less."""
+    import tempfile
+
+    report = json.loads(path.read_text())
+    models, benches = report["models"], report["benchmarks"]
+    results = report.get("results", {})
+    sampled = any("samples_correct" in r for m in models for b in benches for r in report["responses"][m][b])
+    columns = [("accuracy", "acc", "accuracy: right by the benchmark's rule, 0 or 1"),
+               ("format", "fmt", "the training format, 0 or 0.5"), ("length", "tokens", "response length")]
+    if sampled:
+        columns.insert(2, ("sampled", "sampled", "the share of --samples sampled responses that are right"))
+    groups = []
+    for bench in benches:
+        for i, records in enumerate(zip(*(report["responses"][m][bench] for m in models))):
+            first = records[0]
+            example = {k: first.get(k) for k in ("answer", "kind", "choices", "precision")}
+            rows = [{"label": model, "right": r["correct"], "cut": r.get("truncated"), "text": r["response"],
+                     "explained": explain_score(example, r["response"]),
+                     "numbers": {"accuracy": float(r["correct"]), "format": 0.5 * r["format"], "length": r["length"],
+                                 "sampled": sum(r["samples_correct"]) / len(r["samples_correct"])
+                                 if r.get("samples_correct") else None}}
+                    for model, r in zip(models, records)]
+            facts = [f"{TITLES.get(bench, bench)} problem {i}", f"kind: {first.get('kind') or 'training-format'}"]
+            facts += [f"{k}: {v}" for k, v in (first.get("groups") or {}).items()]
+            if first.get("choices"):
+                facts.append("options: " + "; ".join(f"{chr(65 + j)}. {c}" for j, c in enumerate(first["choices"])))
+            gold = " or ".join(map(str, first["answer"])) if isinstance(first["answer"], list) else first["answer"]
+            groups.append({"part": bench, "chosen": None, "image": None, "problem": first["problem"], "gold": gold,
+                           "facts": html.escape(", ".join(facts)), "rows": rows, "limit": 3000,
+                           "flags": {"split": len({r["correct"] for r in records}) > 1}})
+    figures = []
+    if results:
+        with tempfile.TemporaryDirectory() as tmp:
+            bar_chart(results, benches, Path(tmp) / "bars.png")
+            figures.append((Path(tmp) / "bars.png").read_bytes())
+    limits = report.get("max_new_tokens") or {}
+    tokens = html.escape(f" (at most {', '.join(f'{n} tokens on {TITLES.get(b, b)}' for b, n in limits.items())})"
+                         if limits else "")
+    intro = (f"<p>{html.escape(', '.join(models))} on {html.escape(', '.join(TITLES.get(b, b) for b in benches))}: "
+             f"{len(groups)} problems, greedy answers{tokens}. Green: right, red: wrong (as scored then); acc: "
+             "right by the benchmark's rule; fmt: the training format's reward; ✂: cut at the token limit. The "
+             "final answers are read by today's grader (<code>eval.explain_score</code>). The JSON holds no images."
+             "</p>")
+    if results:
+        intro += f"<p><code>{html.escape(table_1(results, benches))}</code></p>"  # (code: pre-wrapped, as <pre>)
+    flags = (("split", "the models disagree"),) if len(models) > 1 else ()
+    return pictures.render_page(path.with_suffix(".html"), str(path), intro, figures, groups, columns,
+                                "benchmark", flags)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -345,6 +454,7 @@ RANGES = [  # this script's own flags, as flags.RANGES (--device, --dtype, --see
     ("max_pixels", lambda v: v >= 0, ">= 0 (0: training's)"),
     ("batch_size", lambda v: v >= 1, ">= 1"),
     ("limit", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("explain_steps", lambda v: v >= 0, ">= 0 (0: all)"),
 ]
 
 
@@ -370,13 +480,19 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--plot", nargs="+", metavar="RUN", help="draw the training curves of these run folders into "
-                   "--out (a .png) instead of evaluating")
-    p.add_argument("--explain", metavar="RUN", help="write RUN/explain.html instead of evaluating: the curves and "
-                   "each logged group (image, problem, gold, responses with reward, advantages, KL weight, length), "
-                   "self-contained, for at most --explain-steps steps and 3,000 characters a response")
-    p.add_argument("--explain-steps", type=int, default=30, help="steps shown by --explain, evenly spread over "
-                   "the run (bounds the page's size)")
+    p.add_argument("--plot", nargs="+", metavar="RUN|LABEL=RUN,RUN", help="draw the training curves of these run "
+                   "folders into --out (a .png; the method's terms beside it, *_terms.png) instead of evaluating; "
+                   "LABEL=RUN,RUN,...: seeds of one method, one colour, each thin and their mean bold")
+    p.add_argument("--chance", type=float, default=None, help="with --plot: a dotted line at this accuracy "
+                   "(default: the runs' own where known, 1/4 on the toys; none elsewhere)")
+    p.add_argument("--explain", metavar="RUN|RESULT.json", help="instead of evaluating, a self-contained page to "
+                   "audit the rewards: for a run folder, RUN/explain.html: the curves and each logged group (image, "
+                   "problem, gold; each response's accuracy, format, reward, advantages, KL weight, KL, length, "
+                   "final answer as the grader reads it, why a 0 is a 0); for this script's result JSON, RESULT.html: "
+                   "each problem with every model's answer, read the same way. Filters in the page; 3,000 "
+                   "characters a response")
+    p.add_argument("--explain-steps", type=int, default=0, help="steps shown by --explain RUN, evenly spread over "
+                   "the run (0: all, as many as about 40 MB of page hold)")
     a = p.parse_args(argv)
     flags.check_ranges(p, vars(a), RANGES)
     flags.check_ranges(p, {"device": a.device, "dtype": a.dtype, "seed": a.seed,
@@ -384,16 +500,20 @@ def main(argv=None):
     if a.baseline == a.model:
         p.error("--baseline names the model itself")
     if a.explain:
-        print(f"wrote {pictures.explain(Path(a.explain), a.explain_steps)}")
+        target = Path(a.explain)
+        if not (target.is_file() and target.suffix == ".json" or (target / "samples.jsonl").is_file()):
+            raise SystemExit(f"--explain {target}: neither a run folder (samples.jsonl) nor a result JSON")
+        print(f"wrote {explain_results(target) if target.is_file() else pictures.explain(target, a.explain_steps)}")
         return
     if a.plot:
-        for run in a.plot:
+        arms = [(arm.split("=", 1)[0], arm.split("=", 1)[1].split(",")) if "=" in arm else arm for arm in a.plot]
+        for run in (r for arm in arms for r in (arm[1] if isinstance(arm, tuple) else [arm])):
             if not (Path(run) / "metrics.jsonl").is_file():
                 raise SystemExit(f"--plot {run}: not a run folder (no metrics.jsonl in it)")
         out = Path(a.out or "curves.png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        pictures.plot_curves(a.plot, out)
-        print(f"wrote {out}")
+        pictures.plot_curves(arms, out, chance=a.chance)
+        print(f"wrote {out} and {pictures.terms_path(out)}")
         return
 
     benches = [b for b in a.bench.split(",") if b] if a.bench != "all" else list(BENCHMARKS)

@@ -2,6 +2,7 @@
 
 - format_reward:   0.5 when the response is `<think>…</think>` then `<answer>…</answer>`, each tag once.
 - accuracy_reward: 1.0 when the final answer equals the gold (math-verify's `verify` for values).
+- explain:         how both read a response (the answer, the gold and their readings), and why each 0 is a 0.
 
 The gold decides how an answer is checked (`parse_gold`, APO_SPEC §1 Decisions):
 - a letter A–I ("D", "(D)"): a multiple-choice gold, compared as a letter, exactly;
@@ -46,7 +47,7 @@ from typing import NamedTuple
 from latex2sympy2_extended.math_normalization import units as UNIT_NAMES
 from math_verify import parse, verify
 from math_verify.parser import LatexExtractionConfig
-from sympy import Abs, Basic, E, Eq, Float, Mul, Pow, Rational, S, Symbol, Tuple, exp
+from sympy import Abs, Basic, E, Eq, Float, Mul, Pow, Rational, S, Symbol, Tuple, exp, sstr
 from sympy.core.function import AppliedUndef
 from sympy.core.parameters import global_parameters
 from sympy.core.relational import Relational
@@ -129,7 +130,7 @@ def letter_of(answer: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------- reading an answer as math
-# Unicode a model writes for math -> LaTeX. A symbol with no entry here makes the answer unreadable (None below).
+# Unicode a model writes for math -> LaTeX. A symbol with no entry here makes the answer unreadable (Unread below).
 _SYMBOLS = {"−": "-", "–": "-", "—": "-", "×": r"\times ", "⋅": r"\cdot ", "·": r"\cdot ", "∙": r"\cdot ",
             "÷": r"\div ", "±": r"\pm ", "∓": r"\mp ", "°": r"^{\circ}", "∞": r"\infty ", "≤": r"\le ", "⩽": r"\le ",
             "≥": r"\ge ", "⩾": r"\ge ", "≠": r"\ne ", "≈": r"\approx ", "∠": r"\angle ", "≅": r"\cong ",
@@ -171,9 +172,10 @@ def _unicode_to_latex(text: str) -> str:
     return "".join(parts)
 
 
-def _is_readable(text: str) -> bool:
-    """No character left that math-verify would drop: symbols, other numerals, unassigned or private code points."""
-    return not any(ord(c) > 127 and unicodedata.category(c)[0] in "SNC" and c != "\n" for c in text)
+def _untranslated(text: str) -> str | None:
+    """The first character left that math-verify would drop (symbols, other numerals, unassigned or private code
+    points), or None."""
+    return next((c for c in text if ord(c) > 127 and unicodedata.category(c)[0] in "SNC" and c != "\n"), None)
 
 
 # Words that are not units make text no single value ("not enough information", "angles 2, 3, 6, and 7"): runs of
@@ -290,39 +292,58 @@ def _without_remark(text: str) -> str:
     return text[:m.start()] if len(words) <= 12 and all(map(allowed, words)) else text
 
 
-def _as_latex(text: str) -> str | None:
-    """An answer as one LaTeX expression for math-verify, or None when it cannot be read without guessing."""
+class Unread(ValueError):
+    """Why an answer is no one value (read_value raises it, `explain` shows it; math_value gives None)."""
+
+
+def _as_latex(text: str) -> str:
+    """An answer as one LaTeX expression for math-verify; Unread when it cannot be read without guessing."""
     text = _unicode_to_latex(text)
-    if not _is_readable(text):
-        return None
+    symbol = _untranslated(text)
+    if symbol:
+        raise Unread(f"a symbol the grader does not translate: {symbol} (U+{ord(symbol):04X})")
     text = _ANSWER_PHRASE.sub("", _DELIMITERS.sub(" ", text).strip()).rstrip(" .")
     text = _joined(_without_remark(_PERCENT.sub(r"\\%", text)).rstrip(" ."))
     if _has_words(text):  # a sentence; else LaTeX would read "so 5 and 7" as a product of letters and a set
         text = _stated_value(text)
         if text is None:
-            return None
+            raise Unread("words that state no one value")
     text = _UNIT_POWER.sub(r"\\text{\1}\2", text)
     text = re.sub(r"\\!\s*|\\\$", "", text)  # thin negative space (16,\!386), escaped dollar (\$5.50: an amount)
     text = text.replace("!=", r"\ne ")  # x != 3: not a factorial
     text = re.sub(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)", lambda m: m.group().replace(" ", ""), text)  # 1 000
     # "4 4/11" is a mixed number: written as LaTeX reads one (an integer then \frac: 4\frac{4}{11} = 48/11).
     text = re.sub(r"(?<![\d./])(\d+) +(\d+)/(\d+)(?![\d/])", r"\1\\frac{\2}{\3}", text)
-    if re.search(r"\d\s+\d", text):
-        return None  # other numbers side by side ("5 3"): LaTeX would add them, and a sum is a guess
+    if re.search(r"\d\s+\d", text):  # "5 3": LaTeX would add them, and a sum is a guess
+        raise Unread("numbers side by side")
     return f"${text.strip()}$"
 
 
-def math_value(text: str):
-    """`text` as one sympy value (an expression, a relation, a set, a tuple, an interval or a matrix), or None.
+def read_value(text: str):
+    """`text` as one sympy value (an expression, a relation, a set, a tuple, an interval or a matrix), or Unread
+    saying why not.
 
     LaTeX extraction only: math-verify's plain-expression fallback picks a number out of whatever it fails to read.
     No time budget of its own: call it under `budgeted`."""
-    latex = _as_latex(text) if len(text) <= _MAX_CHARS else None
-    if latex is None or _too_costly(latex):
-        return None
+    if len(text) > _MAX_CHARS:
+        raise Unread(f"over {_MAX_CHARS} characters")
+    latex = _as_latex(text)
+    if _too_costly(latex):
+        raise Unread("too costly to read: deep brackets, a factorial, a sum, an integral, a limit")
     parsed = parse(latex, [LatexExtractionConfig()], parsing_timeout=None)  # no alarm of its own: we keep time
-    value = parsed[0] if parsed and isinstance(parsed[0], (Basic, MatrixBase)) else None
-    return value if value is not None and _size(value) <= _MAX_SIZE else None
+    if not parsed or not isinstance(parsed[0], (Basic, MatrixBase)):
+        raise Unread("LaTeX that reads as no value")
+    if _size(parsed[0]) > _MAX_SIZE:
+        raise Unread("a value too large to check")
+    return parsed[0]
+
+
+def math_value(text: str):
+    """read_value(text), or None where it is no one value."""
+    try:
+        return read_value(text)
+    except Unread:
+        return None
 
 
 def _is_name(e) -> bool:
@@ -348,13 +369,16 @@ def math_equal(gold, pred) -> bool:
     """Two math values are equal (math-verify's `verify`). A relation gold (a + b = 90, x < 60) needs a relation:
     math-verify would accept the bare number 90 for a + b = 90. Unless it names the quantity on its left
     (k = 1, (p, q) = (3, 2), A:B = 1): then its right side is the value, and a bare value is compared with it."""
-    if pred is None:
+    if pred is None or _needs_relation(gold, pred):
         return False
     if isinstance(gold, Relational) and not isinstance(pred, Relational):
-        if not (isinstance(gold, Eq) and _names_a_quantity(gold.lhs)):
-            return False
         gold = gold.rhs
     return verify([gold], [pred], timeout_seconds=None)
+
+
+def _needs_relation(gold, pred) -> bool:
+    return isinstance(gold, Relational) and not isinstance(pred, Relational) and not (
+        isinstance(gold, Eq) and _names_a_quantity(gold.lhs))
 
 
 def plain_text(text: str) -> str:
@@ -385,7 +409,7 @@ def _read_gold(answer: str) -> Gold | None:
     # Not one value: text, if it is text at all (letters or digits, balanced braces), else a data error.
     text = plain_text(answer)
     balanced = answer.count("{") == answer.count("}")
-    return Gold("text", text) if balanced and re.search(r"[^\W_]", text) and _is_readable(text) else None
+    return Gold("text", text) if balanced and re.search(r"[^\W_]", text) and not _untranslated(text) else None
 
 
 def parse_gold(answer: str) -> Gold | None:
@@ -427,6 +451,90 @@ def accuracy_reward(response: str, answer: str) -> float:
     if gold is None:           # by the training loop, through parse_gold, and never rewarded)
         return 0.0
     return 1.0 if budgeted(is_correct, response, gold) else 0.0  # one budget: extraction, reading, verify
+
+
+# ------------------------------------------------------------------------------------- the grader, explained
+def explain(response: str, answer: str) -> dict:
+    """How the rewards read `response` against the gold `answer`, for a person looking for reward bugs (eval.py
+    --explain shows it beside each response):
+    - answer: the final answer (extract_answer), source: where it stood ('<answer>', '\\boxed in <answer>',
+      '\\boxed, no <answer>'; None without one);
+    - gold_kind, gold_reading: the gold as parse_gold reads it (the letter, the sympy value, the normalized text);
+      reading: the answer read the gold's way (None where it reads as nothing);
+    - accuracy, format: accuracy_reward's and format_reward's own values, so that the page can never disagree
+      with training;
+    - accuracy_reason, format_reason: why that reward is 0 ("another value: 5 for 8", "the format: no </think>"),
+      None where it is not; reason: both, joined (None at full reward).
+    Never raises."""
+    out = {"answer": None, "source": None, "gold_kind": None, "gold_reading": None, "reading": None,
+           "accuracy": accuracy_reward(response, answer), "format": format_reward(response)}
+    if not isinstance(response, str):
+        why = "the response is not a string"
+        return dict(out, accuracy_reason=why, format_reason=why, reason=why)
+    tagged = _answer_span(response)[1]
+    final, boxes = _final_answer(response)
+    out["answer"] = final
+    if final is not None:
+        out["source"] = ("\\boxed in <answer>" if boxes else "<answer>") if tagged else "\\boxed, no <answer>"
+    gold, why = parse_gold(answer), None
+    if gold is not None:
+        out.update(gold_kind=gold.kind, gold_reading=_shown(gold.value))
+    if final and gold is not None:
+        reading, why = budgeted(_read_against, final, boxes, gold) or (None, None)
+        out["reading"] = None if reading is None else _shown(reading)
+    if out["accuracy"] == 1:
+        why = None
+    elif gold is None:
+        why = "the gold is not usable (a data error: training reports and skips its row)"
+    elif final is None:
+        why = "an <answer> never closed, and no \\boxed{…}" if "<answer>" in response else \
+            "no answer tags and no \\boxed{…}"
+    else:  # (no reason read: out of time, here or in accuracy_reward)
+        why = "an empty answer" if not final else why or "the check ran out of time"
+    fault = None if out["format"] else f"the format: {_format_fault(response)}"
+    return dict(out, accuracy_reason=why, format_reason=fault, reason="; ".join(filter(None, (why, fault))) or None)
+
+
+def _read_against(answer: str, boxes: list, gold: Gold) -> tuple:
+    """(the answer read the gold's way, or None; why it is not the gold, None when it is), as is_correct reads it."""
+    if gold.kind == "letter":
+        letter = letter_of(answer)
+        return letter, ("no choice letter (A–I) where the answer starts" if letter is None else
+                        None if letter == gold.value else f"another letter: {letter} for {gold.value}")
+    if gold.kind == "math" and len(boxes) > 1 and isinstance(gold.value, (Set, Tuple)):
+        answer = ", ".join(boxes)
+    if len(answer) > _MAX_CHARS:
+        return None, f"the answer could not be read (over {_MAX_CHARS} characters)"
+    if gold.kind == "text":
+        text = plain_text(answer)
+        return text, None if text == gold.value else f"another text: {text!r} for {gold.value!r}"
+    try:
+        value = read_value(answer)
+    except Unread as err:
+        return None, f"the answer could not be read ({err})"
+    if math_equal(gold.value, value):
+        return value, None
+    if _needs_relation(gold.value, value):
+        return value, f"a relation was needed: {_shown(gold.value)}, not the value alone"
+    return value, f"another value: {_shown(value)} for {_shown(gold.value)}"
+
+
+def _shown(value) -> str:
+    """A reading as text: x = 5 for Eq(x, 5), {1, 2} for a set, 0.57 for 0.570000000000000; a letter or a normalized
+    text as it is."""
+    if isinstance(value, Relational):
+        return f"{_shown(value.lhs)} {'=' if isinstance(value, Eq) else value.rel_op} {_shown(value.rhs)}"
+    return sstr(value, full_prec=False) if isinstance(value, (Basic, MatrixBase)) else str(value)
+
+
+def _format_fault(response: str) -> str:
+    """Why format_reward gives 0: its own checks, in its order, in words."""
+    for tag in _TAGS:
+        if response.count(tag) != 1:
+            return f"{tag} {response.count(tag)} times" if response.count(tag) else f"no {tag}"
+    m = _FORMAT.fullmatch(response.strip())
+    return ("text before, between or after the blocks (or the blocks out of order)" if not m else
+            "an empty <think> block" if not m.group(1).strip() else "an empty <answer> block")
 
 
 # ------------------------------------------------------------------------------------------------------- time

@@ -4,7 +4,8 @@ run after a checkpoint. Plumbing, not APO: apo.py's driver calls it in a few nam
     args.json            the run's arguments
     metrics.jsonl        one line per step              eval.jsonl      one line per held-out evaluation
     samples.jsonl        a few prompts per step, with their G responses and the step's numbers for each
-    curves.png           metrics and evaluations, redrawn at each checkpoint (pictures.py)
+    curves.png           metrics and evaluations, redrawn at each checkpoint (pictures.py); curves_terms.png: KL,
+                         entropy, DADS and STCR
     checkpoint-NNNNNN/   a plain HF folder + trainer_state.pt (optimizer, RNG streams per process, counters) +
                          trainer_state.json (the counters, readable); with --fsdp the weights and moments in sharded/;
                          with --lora-rank the adapters in adapter/ (peft) instead of the weights

@@ -1,6 +1,7 @@
 """eval.py on the paper's five benchmarks, offline: fixture rows with the real column names and types (real question
 texts from ../shared/BENCHMARKS.md, images drawn with PIL), written as local copies in the Hub layout, then mapped
 (`benchmark_example`), scored (`score`) and evaluated end to end on the tiny model."""
+import html
 import json
 from html.parser import HTMLParser
 
@@ -370,65 +371,246 @@ def test_unknown_benchmark_is_a_clear_error():
         evaluate.main(["--bench", "mathvision"])
 
 
-# --- eval.py --explain -------------------------------------------------------------------------------------------
+# --- explain_score: how score read an answer ---------------------------------------------------------------------
+def score_tables():
+    """(example, answer, expected) of every score table above."""
+    marks = lambda test: test.pytestmark[0].args[1]  # noqa: E731
+    yield from ((LETTER, answer, expected) for answer, expected in marks(test_score_multiple_choice))
+    yield from marks(test_score_options_that_read_alike)
+    yield from (({"kind": "number", "choices": None, "unit": None, **example}, answer, expected)
+                for example, answer, expected in marks(test_score_numbers))
+    yield from (({"kind": "math", "answer": gold, "choices": None}, answer, expected)
+                for gold, answer, expected in marks(test_score_free_form))
+
+
+def test_explain_score_agrees_with_score_on_every_table():
+    rows = list(score_tables())
+    assert len(rows) == 76
+    for example, answer, expected in rows:
+        e = evaluate.explain_score(example, R(answer))
+        assert e["accuracy"] == evaluate.score(example, R(answer)) == expected, (example, answer)
+        assert (e["accuracy_reason"] is None) == (expected == 1.0), (example, answer, e)
+    for row in geo3k_rows():  # training-format data: the training reward's own reading
+        from plumbing import data
+        example = evaluate.training_example(row, data.COLUMNS, None)
+        for choice in json.loads((GEO3K_SAMPLE / str(row["id"]) / "data.json").read_text())["choices"]:
+            e, t = evaluate.explain_score(example, R(choice)), reward.explain(R(choice), row["answer"])
+            assert (e["accuracy"], e["reading"], e["gold_reading"], e["reason"]) == \
+                (t["accuracy"], t["reading"], t["gold_reading"], t["reason"])
+
+
+@pytest.mark.parametrize("example, answer, reading, gold_reading, reason", [
+    (LETTER, "A", "A", "B", "another letter: A for B"),
+    (LETTER, "The suitcase is beneath the cat.", "option B", "B", None),  # no letter: the option's text
+    (LETTER, "The suitcase is on the book.", "option A", "B", "another option: A for B"),
+    (LETTER, "beneath", None, "B", "no letter, and no one option's text or value"),
+    (dict(LETTER, choices=None), "beneath", None, "B", "no letter (the options are not at hand)"),
+    ({"kind": "number", "answer": "1.2", "precision": 1}, "1.24 J", "1.2", "1.2", None),
+    ({"kind": "number", "answer": "1.2", "precision": 1}, "1.26", "1.3", "1.2", "another number: 1.3 for 1.2"),
+    ({"kind": "number", "answer": "1000", "precision": 0}, "x", None, "1000", "no number read"),
+    ({"kind": "math", "answer": ["24/7", "3.429"], "choices": None}, "3.429", "3.429", "3.429", None),
+    ({"kind": "math", "answer": "14", "choices": None}, "L is 14, so r is 3", None, "14",
+     "the answer could not be read (words that state no one value)"),
+])
+def test_explain_score_says_how_each_kind_was_read(example, answer, reading, gold_reading, reason):
+    e = evaluate.explain_score(example, R(answer))
+    assert (e["reading"], e["gold_reading"], e["reason"]) == (reading, gold_reading, reason)
+
+
+def test_explain_score_never_raises():
+    assert evaluate.explain_score({"kind": "letter", "answer": "B", "choices": None}, None)["accuracy"] == 0.0
+    assert evaluate.explain_score({"kind": "number"}, R("3"))["reason"]  # a malformed example: a reason, no error
+
+
+# --- eval.py --explain ---------------------------------------------------------------------------------------------
 class Page(HTMLParser):
-    """What a browser would build from the page: tags opened, the text inside <pre>, images, options, groups."""
+    """What a browser would build from the page: the tags, the text inside <pre>, images, the selectors' options,
+    the filters, the groups (their data- attributes) and, per response row, its class, data-cut and cells' text."""
 
     def __init__(self):
         super().__init__()
-        self.tags, self.pre, self.images, self.options, self.groups, self.rows, self._in_pre = [], [], [], [], 0, 0, 0
+        self.tags, self.pre, self.images, self.options, self.inputs, self.groups, self.rows = [], [], [], {}, [], [], []
+        self.scripts, self._in, self._select = [], [], None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tags.append(tag)
-        self._in_pre += tag == "pre"
-        if tag == "pre":
-            self.pre.append("")
+        if tag in ("pre", "script"):
+            (self.pre if tag == "pre" else self.scripts).append("")
         self.images += [attrs["src"]] if tag == "img" else []
-        self.options += [attrs["value"]] if tag == "option" else []
-        self.groups += tag == "section" and attrs.get("class") == "group"
-        self.rows += tag == "tr" and attrs.get("class") in ("right", "wrong")
+        if tag == "select":
+            self._select = attrs["id"]
+            self.options[self._select] = []
+        if tag == "option":
+            self.options[self._select].append(attrs["value"])
+        self.inputs += [attrs.get("id") or attrs.get("value")] if tag == "input" else []
+        if tag == "section" and attrs.get("class") == "group":
+            self.groups.append(attrs)
+        if tag == "tr" and "response" in attrs.get("class", ""):
+            self.rows.append({"class": attrs["class"].split()[1], "cut": attrs["data-cut"], "cells": []})
+        if tag == "td" and self.rows and len(self._in) and self._in[-1] == "tr":
+            self.rows[-1]["cells"].append("")
+        self._in.append(tag)
 
     def handle_endtag(self, tag):
-        self._in_pre -= tag == "pre"
+        while self._in and self._in.pop() != tag:  # (td, li and p may close implicitly)
+            pass
 
     def handle_data(self, text):
-        if self._in_pre:
+        if "pre" in self._in:
             self.pre[-1] += text
+        elif self._in and self._in[-1] == "script":
+            self.scripts[-1] += text
+        if "td" in self._in and self.rows and "pre" not in self._in:
+            self.rows[-1]["cells"][-1] += text
+
+
+def read_page(path) -> Page:
+    page = Page()
+    page.feed(path.read_text())
+    return page
 
 
 def test_explain_page_shows_every_logged_group_escaped_and_bounded(tmp_path, toy_dir):
-    """A run's page: the curves, then each logged group of the shown steps with its image and all G responses.
-    Responses are text, never markup: one holding <script> or closing tags leaves the page's structure whole."""
+    """A run's page: the curves, then each logged group of the shown steps with its image and all G responses, each
+    with its numbers, the final answer as the grader reads it, and why each 0 is a 0. Responses are text, never
+    markup: one holding <script> or closing tags leaves the page's structure whole."""
     import apo
+    from plumbing import pictures
     out = apo.train(apo.parse_args(["--model", "toy", "--data", str(toy_dir), "--out", str(tmp_path / "run"),
-                                    "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "20",
-                                    "--steps", "3", "--eval-every", "0", "--log-samples", "2"]))
+                                    "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "20",
+                                    "--steps", "3", "--eval-every", "0", "--log-samples", "1",
+                                    "--log-random-samples", "1"]))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["chosen"] for s in samples} == {"first", "random"}
     hostile = ["<script>alert(1)</script>", "</pre></td></tr></table></section><em>bold", "<think>a</think><answer>"
-               "</div>x</answer>", "y" * 5000]
-    samples.append(dict(samples[-1], step=3, responses=hostile))
+               "</td><script>x</script></answer>", "y" * 5000]
+    samples.append(dict(samples[-1], step=3, responses=hostile, truncated=[False, False, False, True],
+                        correct=[True, False, False, False], format=[0.0, 0.0, 0.5, 0.0], rewards=[1.0, 0.0, 0.5, 0.0]))
+    regraded = "the grader now reads it as wrong (right when graded): it has changed since"  # the first, logged right
     (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
 
-    for steps_shown, expected_steps in ((30, [0, 1, 2, 3]), (2, [0, 3])):
+    for steps_shown, expected_steps in ((0, [0, 1, 2, 3]), (30, [0, 1, 2, 3]), (2, [0, 3])):
         evaluate.main(["--explain", str(out), "--explain-steps", str(steps_shown)])
-        page = Page()
-        page.feed((out / "explain.html").read_text())
-        assert "script" not in page.tags and "em" not in page.tags  # no response became markup
-        assert page.options == [f"step-{t}" for t in expected_steps]  # the selector; first and last always
+        page = read_page(out / "explain.html")
+        assert page.tags.count("script") == 1 and page.scripts == [pictures.PAGE_SCRIPT]  # the filters' alone
+        assert "em" not in page.tags  # no response became markup
+        assert page.options["part"] == ["all"] + [f"step-{t}" for t in expected_steps]  # first and last always
+        assert page.options["chosen"] == ["all", "first", "random"]
+        assert {"wrong", "cut", "flat"} <= set(page.inputs)  # the filters: wrong only, cut only, no signal
         shown = [s for s in samples if s["step"] in expected_steps]
-        assert page.groups == len(shown) and page.rows == 4 * len(shown)  # 2 groups a step (1 at step 3)
+        assert len(page.groups) == len(shown) and len(page.rows) == 4 * len(shown)
+        assert [g["data-chosen"] for g in page.groups] == [s["chosen"] for s in shown]
+        assert [g["data-flat"] for g in page.groups] == [str(int(len(set(s["rewards"])) == 1)) for s in shown]
         texts = [r if len(r) <= 3000 else r[:3000] + f" … ({len(r) - 3000} more characters)"
                  for s in shown for r in s["responses"]]
         assert page.pre == texts  # every response, in order, as text (cut at 3,000 characters)
-        assert len(page.images) == 1 + len(shown) and all(i.startswith("data:image/png;base64,") for i in page.images)
+        assert len(page.images) == 2 + len(shown) and all(i.startswith("data:image/png;base64,") for i in page.images)
+        # per response: acc, fmt, r, Â⁰, 1 + w, Â, κ, KL, tokens (✂ when cut), the reading, why a 0
+        for row, (s, i) in zip(page.rows, [(s, i) for s in shown for i in range(len(s["responses"]))]):
+            label, *numbers, read, why = row["cells"]
+            logged = [float(s["correct"][i]), s["format"][i], s["rewards"][i], s["advantages0"][i],
+                      s["stcr_multipliers"][i], s["advantages"][i], s["kl_weights"][i], s["kl"][i], s["lengths"][i]]
+            assert [float(n.strip(" ✂")) for n in numbers[:4] + numbers[5:]] == \
+                [float(f"{v:.3g}") for v in logged[:4] + logged[5:]]  # 3 significant digits
+            w = logged[4] - 1  # STCR's 1 + w, to 3 significant digits of w
+            assert numbers[4] == ("1" if w == 0 else f"1 {'+' if w > 0 else '−'} {abs(w):.3g}")
+            assert row["class"] == ("right" if s["correct"][i] else "wrong")
+            assert (row["cut"] == "1") == s["truncated"][i] == numbers[-1].endswith("✂")
+            e = reward.explain(s["responses"][i], s["answer"])
+            assert read.startswith("no answer" if e["answer"] is None else f"answer {e['answer']} ")
+            assert e["reading"] is None or f"read as {e['reading']}" in read
+            reasons = (["cut at the token limit"] if s["truncated"][i] else []) + [e["reason"] or ""] + \
+                [regraded if s["correct"][i] and not e["accuracy"] else ""]
+            assert why == "; ".join(r for r in reasons if r)  # a reason for each 0, and none for a full reward
+            assert bool(why) == (s["rewards"][i] < 1.5 or s["truncated"][i])
     assert (out / "explain.html").stat().st_size < 400_000
 
+    # a run of an earlier version: no correct, format, truncated, kl, chosen or row: drawn, saying 'not logged'
+    old = [{k: v for k, v in s.items() if k not in ("correct", "format", "truncated", "kl", "chosen", "row")}
+           for s in samples]
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in old))
+    evaluate.main(["--explain", str(out)])
+    page = read_page(out / "explain.html")
+    assert len(page.groups) == len(old) and page.pre == [r if len(r) <= 3000 else r[:3000] + f" … ({len(r) - 3000}"
+                                                          " more characters)" for s in old for r in s["responses"]]
+    assert all(row["class"] == "unknown" and row["cells"][1:3] == ["not logged"] * 2 for row in page.rows)
+    assert all(row["cells"][8] == "not logged" for row in page.rows)  # KL
+    assert html.unescape((out / "explain.html").read_text()).count(
+        "not logged by this run's version: correct, format, truncated, kl, chosen") == len(old)
+
     # the data moved away since the run: the page is still drawn, each group saying why it has no image
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     args = json.loads((out / "args.json").read_text())
     (out / "args.json").write_text(json.dumps(dict(args, data=str(tmp_path / "moved"))))
     evaluate.main(["--explain", str(out)])
-    page = Page()
-    page.feed((out / "explain.html").read_text())
-    assert page.groups == len(samples) and len(page.images) == 1  # the curves alone
+    page = read_page(out / "explain.html")
+    assert len(page.groups) == len(samples) and len(page.images) == 2  # the curves alone
     assert (out / "explain.html").read_text().count(f"no image (the data is not at hand: {tmp_path}/moved") == len(samples)
+
+
+def test_explain_page_of_an_evaluation(tmp_path):
+    """`--explain RESULT.json`: each problem of each benchmark with every model's answer, read as score read it."""
+    problems = [  # (benchmark, example, the two models' responses)
+        ("mathvista", dict(PID_5, problem="Find m∠H"), [R("A"), R("∠H = 102°")]),
+        ("mathvista", {"kind": "number", "answer": "1.2", "precision": 1, "choices": None, "problem": "The work?"},
+         [R("The work is 1.2 J"), "<think>W = F·d, and F is" + " so" * 400]),
+        ("mmmu", {"kind": "math", "answer": ["24/7", "3.429"], "choices": None, "problem": "<b>ratio</b>"},
+         [R(r"\frac{24}{7}"), R("</td></tr><script>alert(1)</script>")]),
+        ("geo3k", {"kind": None, "answer": r"5 \sqrt { 3 }", "choices": None, "problem": "<image>Find y."},
+         [R(r"5\sqrt{3}"), R("8.66")]),
+    ]
+    responses = {m: {} for m in ("policy", "baseline")}
+    for bench, example, texts in problems:
+        for model, text in zip(responses, texts):
+            responses[model].setdefault(bench, []).append(
+                {"problem": example["problem"], "answer": example["answer"], "kind": example["kind"], "groups": {},
+                 "choices": example["choices"], "precision": example.get("precision"), "response": text,
+                 "correct": evaluate.score(example, text) > 0, "format": reward.format_reward(text) > 0,
+                 "length": len(text) // 4, "truncated": text.endswith("so")})
+    benches = list(dict.fromkeys(b for b, _, _ in problems))
+    summaries = {m: {b: evaluate.summarize(responses[m][b], 0) for b in benches} for m in responses}
+    path = tmp_path / "table1.json"
+    path.write_text(json.dumps({"models": list(responses), "benchmarks": benches, "max_new_tokens": {},
+                                "results": summaries, "responses": responses}))
+    evaluate.main(["--explain", str(path)])
+    page = read_page(tmp_path / "table1.html")
+    assert "em" not in page.tags and page.tags.count("script") == 1
+    assert page.options["part"] == ["all"] + [f"benchmark-{b}" for b in benches]
+    assert {"wrong", "cut", "split"} <= set(page.inputs)  # the models disagree: a filter
+    assert len(page.groups) == len(problems) and page.pre == [t for _, _, texts in problems for t in texts]
+    assert [g["data-split"] for g in page.groups] == ["1"] * 4  # each model right once
+    for row, (bench, example, text) in zip(page.rows, [(b, e, t) for b, e, ts in problems for t in ts]):
+        label, acc, fmt, tokens, read, why = row["cells"]
+        e = evaluate.explain_score(example, text)
+        assert float(acc) == e["accuracy"] and row["class"] == ("right" if e["accuracy"] else "wrong")
+        assert (row["cut"] == "1") == text.endswith("so") == tokens.endswith("✂")
+        assert why == "; ".join(r for r in (["cut at the token limit"] if text.endswith("so") else []) +
+                                [e["reason"] or ""] if r)
+    assert [r["cells"][-2].removesuffix("response") for r in page.rows] == [
+        "answer A (<answer>) → read as A", "answer ∠H = 102° (<answer>) → read as option B",  # by its value
+        "answer The work is 1.2 J (<answer>) → read as 1.2", "no answer",
+        r"answer \frac{24}{7} (<answer>) → read as 24/7",
+        "answer </td></tr><script>alert(1)</script> (<answer>) → read as nothing",  # text, not markup
+        r"answer 5\sqrt{3} (<answer>) → read as 5*sqrt(3)", "answer 8.66 (<answer>) → read as 8.66"]
+    assert [r["cells"][-1] for r in page.rows] == [
+        "", "another option: B for A", "", "cut at the token limit; no answer tags and no \\boxed{…}; the format: no "
+        "</think>", "", "the answer could not be read (words that state no one value)", "",
+        "another value: 8.66 for 5*sqrt(3)"]
+
+
+def test_the_readme_screenshot_page_renders(tmp_path, monkeypatch):
+    """tools/explain_demo.py (docs/explain.png): hand-written responses to the real geometry3k problems, through the
+    run page: every response there, and each 0 with its reason."""
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("explain_demo", REPO / "tools" / "explain_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    monkeypatch.setattr("sys.argv", ["explain_demo.py", "--out", str(tmp_path / "run")])
+    demo.main()
+    page = read_page(tmp_path / "run" / "explain.html")
+    assert len(page.groups) == len(demo.GROUPS) and page.pre == [t for g in demo.GROUPS for t, _, _ in g[3]]
+    assert len(page.images) == 2 + len(demo.GROUPS)  # the curves, and each problem's diagram
+    assert all(row["cells"][-1] for row in page.rows if row["class"] == "wrong")
+    assert [g["data-flat"] for g in page.groups] == ["0", "0", "0", "1", "0"]  # the group that all answer 60

@@ -375,6 +375,7 @@ def test_fuzz_never_raises_and_is_fast():
             slowest = max(slowest, (seconds, f"{fn.__name__}({response[:60]!r})"))
         extract_answer(response)
         parse_gold(response[:300])
+        assert reward.explain(response, gold)["accuracy"] == accuracy_reward(response, gold), response[:80]
     print(f"\nfuzz: {n} responses, slowest call {slowest[0]:.3f} s: {slowest[1]}")
 
 
@@ -817,3 +818,94 @@ def test_a_gold_that_reads_as_no_value_is_text(gold, pred, expected):
 ])
 def test_math_delimiters_mark_math_in_prose(gold, pred, expected):
     assert accuracy_reward(R(pred), gold) == expected
+
+
+# --- explain: how the grader read a response ---------------------------------------------------------------
+FIXED_GOLDS = {"test_whole_expression_gold": GOLD_2SQRT221, "test_letter_gold": "D",
+               "test_letter_answers_in_a_sentence": "B", "test_a_point_given_a_value_is_no_choice_letter": "H"}
+
+
+def accuracy_tables():
+    """(gold, answer, expected) of every accuracy table in this file (the golds of FIXED_GOLDS with theirs)."""
+    for name, test in list(globals().items()):
+        for mark in getattr(test, "pytestmark", []):
+            names = [n.strip() for n in mark.args[0].split(",")] if mark.name == "parametrize" else []
+            answers = {"pred", "answer"} & set(names) and ("gold" in names or name in FIXED_GOLDS)
+            for values in mark.args[1] if answers else []:
+                row = dict(zip(names, values))
+                yield row.get("gold", FIXED_GOLDS.get(name)), row.get("pred", row.get("answer")), \
+                    row.get("expected", row.get("apo_says"))
+
+
+def test_explain_agrees_with_the_rewards_on_every_table():
+    rows = list(accuracy_tables())
+    assert len(rows) > 300
+    for gold, pred, expected in rows:
+        for response in (R(pred), f"Reasoning ... {pred}"):  # tagged, and untagged (its boxes count)
+            e = reward.explain(response, gold)
+            assert e["accuracy"] == accuracy_reward(response, gold) and e["format"] == format_reward(response)
+            assert (e["accuracy_reason"] is None) == (e["accuracy"] == 1.0), (gold, response, e)
+            assert (e["format_reason"] is None) == (e["format"] == 0.5), (gold, response, e)
+            assert e["reason"] == ("; ".join(filter(None, (e["accuracy_reason"], e["format_reason"]))) or None)
+        assert reward.explain(R(pred), gold)["accuracy"] == expected, (gold, pred)
+
+
+@pytest.mark.parametrize("response, expected", test_format_reward.pytestmark[0].args[1])
+def test_explain_says_why_the_format_is_0(response, expected):
+    e = reward.explain(response, "b")
+    assert e["format"] == expected and ("the format: " in (e["reason"] or "")) == (expected == 0.0)
+
+
+def test_explain_on_the_ten_real_geo3k_rows():
+    """Each choice against the right one's text: the readings are sympy's of both, and a wrong choice is another
+    value, said in the gold's terms."""
+    from sympy import sstr
+    for row in geo3k_rows():
+        gold = row["choices"][ord(row["answer"]) - 65]
+        for choice in row["choices"]:
+            for response in (R(choice), R(f"The length is {choice}"), rf"so \boxed{{{choice}}}"):
+                e = reward.explain(response, gold)
+                assert e["accuracy"] == accuracy_reward(response, gold), (row["id"], response)
+                assert e["gold_kind"] == "math" and e["gold_reading"] == sstr(parse_gold(gold).value, full_prec=False)
+                assert e["reading"] == sstr(reward.math_value(choice), full_prec=False), (row["id"], response)
+                if choice != gold:
+                    assert e["reason"].startswith(f"another value: {e['reading']} for {e['gold_reading']}")
+
+
+@pytest.mark.parametrize("response, gold, reading, reason", [
+    (R("5"), "8", "5", "another value: 5 for 8"),
+    (R("8.66"), r"5 \sqrt { 3 }", "8.66", "another value: 8.66 for 5*sqrt(3)"),  # no approximation is the value
+    (R(r"\sqrt{75}"), r"5 \sqrt { 3 }", "sqrt(75)", None),  # read as written, equal by verify
+    (R("90"), "a + b = 90", "90", "a relation was needed: a + b = 90, not the value alone"),
+    (R("5"), "k = 5", "5", None),  # the left side names the quantity: the bare value states it
+    (R("B"), "D", "B", "another letter: B for D"),
+    (R("Done"), "D", None, "no choice letter (A–I) where the answer starts"),
+    (R("not enough info"), "not enough information", "notenoughinfo",
+     "another text: 'notenoughinfo' for 'notenoughinformation'"),
+    (R("5 ∑ 2"), "5", None, "the answer could not be read (a symbol the grader does not translate: ∑ (U+2211))"),
+    (R("x is 15, so y is 3"), "15", None, "the answer could not be read (words that state no one value)"),
+    (R("5 3"), "8", None, "the answer could not be read (numbers side by side)"),
+    (R("9" * 250), "9", None, "the answer could not be read (over 200 characters)"),
+    (R("5!"), "120", None, "the answer could not be read (too costly to read: deep brackets, a factorial, a sum, "
+                           "an integral, a limit)"),
+    (R(""), "5", None, "an empty answer; the format: an empty <answer> block"),
+    ("It is 5.", "5", None, "no answer tags and no \\boxed{…}; the format: no <think>"),
+    ("<think>so 5</think><answer>5", "5", None, "an <answer> never closed, and no \\boxed{…}; the format: no "
+                                                "</answer>"),
+    (r"The side is \boxed{5}.", "5", "5", "the format: no <think>"),  # right, unformatted
+    (R("1"), "%%%", None, "the gold is not usable (a data error: training reports and skips its row)"),
+    (None, "5", None, "the response is not a string"),
+])
+def test_explain_says_why_a_0_is_a_0(response, gold, reading, reason):
+    e = reward.explain(response, gold)
+    assert (e["reading"], e["reason"]) == (reading, reason)
+    assert e["accuracy"] == accuracy_reward(response, gold)
+
+
+def test_explain_says_where_the_answer_stood():
+    assert reward.explain(R("5"), "5")["source"] == "<answer>"
+    assert reward.explain(R(r"so \boxed{5}"), "5")["source"] == "\\boxed in <answer>"
+    assert reward.explain(r"so \boxed{5}", "5")["source"] == "\\boxed, no <answer>"
+    assert reward.explain("so 5", "5")["source"] is None
+    e = reward.explain(R(r"\boxed{1}, \boxed{2}"), r"\{1, 2\}")  # boxed one part at a time: read as one set
+    assert (e["answer"], e["reading"], e["accuracy"]) == ("2", "{1, 2}", 1.0)

@@ -171,7 +171,30 @@ def test_plot_run_draws_the_curves_of_a_run_folder(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = pictures.plot_curves([tmp_path], tmp_path / "curves.png")
     assert path == tmp_path / "curves.png"
-    assert Image.open(path).size[0] > 500
+    for figure in (path, pictures.terms_path(path)):  # what it learned, and the method's terms: 2 × 2 panels each
+        image = Image.open(figure)
+        assert image.size == (1200, 870) and image.info["dpi"][0] >= 120  # 8 in wide, 11 pt text: 11 px at 800 px
+
+
+def test_curves_draw_seeds_as_one_arm_and_chance_where_it_is_known(tmp_path, monkeypatch):
+    import matplotlib.axes
+    runs = []
+    for seed, data in enumerate(["toy", "toy", "geo3k"]):
+        run = tmp_path / f"run-{seed}"
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"data": data}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "accuracy": (s + seed) / 10}) + "\n"
+                                                   for s in range(6)))
+        runs.append(run)
+    assert [pictures.chance_of(r) for r in runs] == [0.25, 0.25, None]
+    lines = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: lines.append((ax.get_title(), y)))
+    evaluate.main(["--plot", f"apo={runs[0]},{runs[1]}", "--out", str(tmp_path / "c.png")])  # seeds of one arm
+    assert lines == [("accuracy", 0.25)] and pictures.terms_path(tmp_path / "c.png").exists()  # on the accuracy panel
+    evaluate.main(["--plot", str(runs[0]), str(runs[2]), "--out", str(tmp_path / "d.png")])
+    assert len(lines) == 1  # two tasks: no one chance level
+    evaluate.main(["--plot", str(runs[2]), "--chance", "0.5", "--out", str(tmp_path / "e.png")])
+    assert lines[1] == ("accuracy", 0.5)
 
 
 def test_eval_on_a_geo3k_layout_folder(tmp_path, tiny_model_dir, geo3k_dir):
