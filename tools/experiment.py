@@ -123,35 +123,40 @@ def report():
         runs[r["arm"], r["seed"]] = r
     arms = [a for a in ARMS if any(k[0] == a for k in runs)]
     table = {(a, s): outcomes(r) for (a, s), r in runs.items()}
-    keys = ["final_accuracy_hard", "auc_accuracy_hard", "final_accuracy_easy", "final_accuracy_old",
-            "auc_accuracy_old", "steps_to_hard_0.5", "kl_correct_hard", "dads_weight_correct_mean",
-            "response_length_wrong", "response_length_correct", "entropy"]
-    lines = ["# The experiment's results, computed by `python tools/experiment.py --report`", "",
-             f"{len(runs)} runs. Per arm: the mean over its seeds. Then, for each pair, the paired difference "
-             "(arm − baseline, seed by seed): mean [95% interval] and the sign-flip p-value.", "",
-             "| arm | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    groups = {"mechanism": ["dads_weight_correct_mean", "kl_correct_hard", "response_length_wrong",
+                            "response_length_correct", "entropy"],
+              "outcome": ["final_accuracy_hard", "auc_accuracy_hard", "steps_to_hard_0.5", "final_accuracy_easy",
+                          "final_accuracy_old", "auc_accuracy_old"]}
     fmt = lambda x: "–" if x is None else f"{x:.3g}"  # noqa: E731
-    for a in arms:
-        rows = [v for (arm, _), v in table.items() if arm == a]
-        mean = lambda k: statistics.fmean(v[k] for v in rows if v[k] is not None) if any(  # noqa: E731
-            v[k] is not None for v in rows) else None
-        lines.append(f"| {a} | {len(rows)} | " + " | ".join(fmt(mean(k)) for k in keys) + " |")
-    lines += ["", "| pair | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines = ["# The experiment's results", "", "Computed by `python tools/experiment.py --report` from "
+             f"`docs/experiment/runs/` ({len(runs)} runs); docs/EXPERIMENT.md defines each number.", ""]
     results = {}
-    for a, b in PAIRS:
-        seeds = sorted(s for (arm, s) in table if arm == a and (b, s) in table)
-        if len(seeds) < 2:
-            continue
-        cells = []
-        for k in keys:
-            diffs = [table[a, s][k] - table[b, s][k] for s in seeds
-                     if table[a, s][k] is not None and table[b, s][k] is not None]
-            if len(diffs) < 2:
-                cells.append("–")
+    for group, keys in groups.items():
+        lines += [f"## {group.capitalize()}: mean per arm", "", "| arm | seeds | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for a in arms:
+            rows = [v for (arm, _), v in table.items() if arm == a]
+            mean = lambda k: statistics.fmean(v[k] for v in rows if v[k] is not None) if any(  # noqa: E731
+                v[k] is not None for v in rows) else None
+            lines.append(f"| {a} | {len(rows)} | " + " | ".join(fmt(mean(k)) for k in keys) + " |")
+        lines += ["", f"## {group.capitalize()}: paired differences, arm − baseline, seed by seed: mean "
+                  "[95% interval], sign-flip p", "", "| pair | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for a, b in PAIRS:
+            seeds = sorted(s for (arm, s) in table if arm == a and (b, s) in table)
+            if len(seeds) < 2:
                 continue
-            d = results.setdefault(f"{a} − {b}", {})[k] = paired(diffs)
-            cells.append(f"{d['mean']:+.3g} [{d['low']:+.2g}, {d['high']:+.2g}] p={d['p']:.2g}")
-        lines.append(f"| {a} − {b} (n = {len(seeds)}) | " + " | ".join(cells) + " |")
+            cells = []
+            for k in keys:
+                diffs = [table[a, s][k] - table[b, s][k] for s in seeds
+                         if table[a, s][k] is not None and table[b, s][k] is not None]
+                if len(diffs) < 2:
+                    cells.append("–")
+                    continue
+                d = results.setdefault(f"{a} − {b}", {})[k] = paired(diffs)
+                cells.append(f"{d['mean']:+.3g} [{d['low']:+.2g}, {d['high']:+.2g}], p {d['p']:.2g}")
+            lines.append(f"| {a} − {b} (n = {len(seeds)}) | " + " | ".join(cells) + " |")
+        lines.append("")
     out = REPO / "docs" / "experiment"
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps({"per_run": {f"{a}-seed{s}": v for (a, s), v in table.items()},
