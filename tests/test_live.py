@@ -79,11 +79,15 @@ def test_tensorboard_holds_every_metric_evaluation_and_sample_once_at_its_step(k
     assert_logged(got, expected_scalars(out))
     texts = events.Tensors("samples/text_summary")
     assert [t.step for t in texts] == [0, 1, 2, 3]
-    for text, sample in zip(texts, read_jsonl(out / "samples.jsonl")):  # one logged prompt per step
-        table = text.tensor_proto.string_val[0].decode()
-        assert table.startswith("problem | answer | response | reward | advantage")
-        assert len(table.splitlines()) == 2 + len(sample["responses"])
-        assert f"| {sample['rewards'][0]} | {sample['advantages'][0]}" in table.splitlines()[2]
+    samples = read_jsonl(out / "samples.jsonl")
+    for text in texts:  # each step's table: its logged groups (the first prompt, one drawn at random), in order
+        table = text.tensor_proto.string_val[0].decode().splitlines()
+        groups = [s for s in samples if s["step"] == text.step]
+        assert [s["chosen"] for s in groups] == ["first", "random"]
+        assert table[0] == "problem | answer | response | reward | advantage"
+        assert len(table) == 2 + sum(len(s["responses"]) for s in groups)
+        cells = [(r, a) for s in groups for r, a in zip(s["rewards"], s["advantages"])]
+        assert [line.endswith(f"| {r} | {a}") for line, (r, a) in zip(table[2:], cells)] == [True] * len(cells)
 
 
 def wandb_records(path: Path):
@@ -135,9 +139,9 @@ def test_wandb_offline_continues_the_same_run_with_each_row_at_its_step(killed_a
     assert_logged(killed, {k: v for k, v in expected.items() if (k[0], k[1]) in {(n, s) for n, s, _ in killed}})
     assert {step for _, step, _ in killed} <= {0, 1, 2} and set(killed_tables) <= {0, 1, 2}
     table = json.loads(next((runs[1] / "files" / "media" / "table").glob("samples_2_*.table.json")).read_text())
-    sample = read_jsonl(out / "samples.jsonl")[2]
+    step_two = [s for s in read_jsonl(out / "samples.jsonl") if s["step"] == 2]
     assert table["columns"] == ["problem", "answer", "response", "reward", "advantage"]
-    assert [row[2] for row in table["data"]] == sample["responses"]
+    assert [row[2] for row in table["data"]] == [r for s in step_two for r in s["responses"]]
 
 
 def test_no_live_logging_imports_neither_package(tmp_path):

@@ -296,10 +296,11 @@ def test_a_finished_run_can_be_extended(toy_dir, tmp_path, capsys):
     assert {m["step"] for m in after_two[1].values()} == {4}
     assert any(not torch.equal(weights[k], after_two[0][k]) for k in weights)
     # it read on in the data where the first run stopped (2 prompts a step, file order; samples.jsonl holds each
-    # step's first prompt): rows 0, 2, then 4 and 6
+    # step's first prompt, then the other one as the one drawn at random): rows 0, 1, 2, 3, then 4, 5, 6, 7
     samples = read_jsonl(out / "samples.jsonl")
     answers = [r["answer"] for r in toy.toy_rows("train", seed=0)]
-    assert [s["answer"] for s in samples] == [answers[0], answers[2], answers[4], answers[6]]
+    assert [(s["step"], s["chosen"]) for s in samples] == [(k // 2, ("first", "random")[k % 2]) for k in range(8)]
+    assert [s["answer"] for s in samples] == answers[:8]
 
 
 @pytest.mark.slow
