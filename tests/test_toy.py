@@ -179,10 +179,10 @@ def test_plot_run_draws_the_curves_of_a_run_folder(tmp_path):
 def test_curves_draw_seeds_as_one_arm_and_chance_where_it_is_known(tmp_path, monkeypatch):
     import matplotlib.axes
     runs = []
-    for seed, data in enumerate(["toy", "toy", "geo3k"]):
+    for seed, task in enumerate(["toy", "toy", "geo3k"]):
         run = tmp_path / f"run-{seed}"
         run.mkdir()
-        (run / "args.json").write_text(json.dumps({"data": data}))
+        (run / "args.json").write_text(json.dumps({"data": task}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "accuracy": (s + seed) / 10}) + "\n"
                                                    for s in range(6)))
         runs.append(run)
