@@ -107,9 +107,11 @@ def toy_model():
 
 def run_args(out, *extra):
     # 2 prompts × 4 responses in one mini-batch of 8: each rank holds one prompt's group, and the update is that
-    # of one process on both (several mini-batches per rollout would shuffle within each rank's share)
+    # of one process on both (several mini-batches per rollout would shuffle within each rank's share). Rank 0
+    # logs its own groups: those drawn at random come from its share, so only the first are the same in both.
     return ["--data", "toy", "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
             "--max-new-tokens", "20", "--mini-batch-size", "8", "--micro-batch-size", "3", "--log-samples", "1",
+            "--log-random-samples", "0",
             "--eval-every", "2", "--eval-limit", "4", *extra]
 
 
