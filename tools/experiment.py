@@ -3,6 +3,7 @@
     python tools/experiment.py                 # every arm × 10 seeds, two runs at a time; a finished run is skipped
     python tools/experiment.py --quick         # a first look: GRPO, DADS, STCR, APO × 3 seeds
     python tools/experiment.py --report        # docs/experiment/summary.md and its figures, from the runs' files
+    python tools/experiment.py --reproduce dads-seed3   # reruns a kept run's command; its evaluations must be equal
 
 Each run is `python apo.py --data toy-graded --seed N --out runs/experiment/ARM-seedN` plus its arm's flags
 (ARMS). Its numbers are kept in docs/experiment/runs/ARM-seedN.json: the arm, the seed, the command (apo.py's
@@ -24,7 +25,9 @@ from itertools import product
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS, KEPT = REPO / "runs" / "experiment", REPO / "docs" / "experiment" / "runs"
+RUNS, OUT = REPO / "runs" / "experiment", REPO / "docs" / "experiment"   # the run folders; what is committed
+KEPT = OUT / "runs"
+BASE = ["--data", "toy-graded"]  # every run's flags before its arm's: the preset (a test shrinks it)
 BETA = 0.1              # β tuned on GRPO alone (docs/EXPERIMENT.md, "Tuning"): the preset's
 STRONG_STCR = "1.02"    # w = 0.13 at one extra check line (7 tokens), 0.43 at four
 ARMS = {  # name -> apo.py flags beyond the toy-graded preset
@@ -51,8 +54,9 @@ METRICS = ["kl_correct_hard", "dads_weight_correct_mean", "response_length_corre
 
 
 def command(arm: str, seed: int) -> list:
-    return ["apo.py", "--data", "toy-graded", "--seed", str(seed), "--out", str(Path("runs/experiment") /
-                                                                                   f"{arm}-seed{seed}"), *ARMS[arm]]
+    out = RUNS / f"{arm}-seed{seed}"
+    out = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    return ["apo.py", *BASE, "--seed", str(seed), "--out", str(out), *ARMS[arm]]
 
 
 def run(arm: str, seed: int) -> str:
@@ -160,7 +164,7 @@ def report():
             label = f"{a} − {b} (n = {len(seeds)}{', exploratory' if (a, b) in EXPLORATORY else ''})"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    out = REPO / "docs" / "experiment"
+    out = OUT
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps({"per_run": {f"{a}-seed{s}": v for (a, s), v in table.items()},
                                                   "paired": results}, indent=1) + "\n")
@@ -189,11 +193,37 @@ def report():
             ax.axhline(0.25, color="grey", linestyle=":", linewidth=1, label="chance")
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=9)
+        if ax.get_legend_handles_labels()[0]:  # (a panel with no values yet has nothing to name)
+            ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
     print("\n".join(lines))
+
+
+def reproduce(name: str) -> int:
+    """Reruns a kept run's own `command` (its --out moved to RUNS/reproduce-NAME) and compares its held-out
+    evaluations with the committed ones, every value but the seconds: 0 if equal, 1 (and what differs) if not.
+    The toy runs on one thread whatever the machine (plumbing/models.py), so the thread count cannot change them."""
+    kept = json.loads((KEPT / f"{name}.json").read_text())
+    command = list(kept["command"])
+    out = RUNS / f"reproduce-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    command[command.index("--out") + 1] = str(out)
+    subprocess.run([sys.executable, *command], cwd=REPO, check=True, stdout=subprocess.DEVNULL,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    got = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    for new, old in zip(strip(got), strip(kept["eval"])):
+        if new != old:
+            print(f"{name}: differs at step {old['step']}: " + ", ".join(
+                f"{k} {old[k]} -> {new.get(k)}" for k in old if new.get(k) != old[k]))
+            return 1
+    if len(got) != len(kept["eval"]):
+        print(f"{name}: {len(got)} evaluations, {len(kept['eval'])} kept")
+        return 1
+    print(f"{name}: reproduced, {len(got)} evaluations equal to the committed ones")
+    return 0
 
 
 def main(argv=None):
@@ -203,13 +233,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="GRPO, DADS, STCR, APO × 3 seeds")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), help="these arms only")
     p.add_argument("--report", action="store_true", help="the summary and figures from the kept runs")
+    p.add_argument("--reproduce", metavar="ARM-seedN", help="rerun a kept run and compare its evaluations")
     a = p.parse_args(argv)
     if a.report:
         return report()
+    if a.reproduce:
+        if not (KEPT / f"{a.reproduce}.json").exists():
+            sys.exit(f"--reproduce: no kept run {a.reproduce} in {KEPT}")
+        sys.exit(reproduce(a.reproduce))
     arms, seeds = (QUICK, 3) if a.quick else (a.arms or list(ARMS), a.seeds)
     RUNS.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", "from plumbing import toy; toy.starting_model('toy-graded')"], cwd=REPO,
-                   check=True)  # built once, before two runs would build it at once
+    if "--model" not in BASE:  # the preset's starting model, built once, before two runs would build it at once
+        subprocess.run([sys.executable, "-c", "from plumbing import toy; toy.starting_model('toy-graded')"],
+                       cwd=REPO, check=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(a.jobs) as pool:  # seed-major: the first seeds of every arm finish first
         for line in pool.map(lambda job: run(*job), [(arm, s) for s, arm in product(range(seeds), arms)]):
