@@ -20,8 +20,9 @@ Answers are read the way models write them: unicode math (√3, 2√2/5, 8π, 3�
 first, "1 000" is a thousand, "4 4/11" a mixed number, "\\$5.50" an amount, "28 percent" 28\\%, a short sentence
 that states one value is read as that value ("The length is 5√3", "So x = 15.", "Area: 24 cm²"; see _COPULA), so is
 an inequality, interval or set after a conclusion ("We find that x < 3", "Therefore x ≥ 5"; _CONCLUDES), values
-joined by "and" are a list ("1 and 2 and 3"; _joined), and a short remark after the value that justifies or affirms
-it is dropped ("15, since the angles are equal", "x ≥ 5 is the solution"; _REMARK): words only, no number, none that
+joined by "and" are a list ("1 and 2 and 3"; _joined), and a short remark after the value that justifies, affirms
+or names it is dropped ("15, since the angles are equal", "x ≥ 5 is the solution", "12 (the length of AB)";
+_REMARK): words only, no number, none that
 denies, corrects or changes the value, so "15, not 16" and "15 (plus one for the end)" are read as no value.
 The rule that keeps this safe: an answer is read whole or not at all. math-verify, when LaTeX fails, picks a number
 out of the text ("5√2" -> 5, "angle 1 = angle 3" -> 3); here a failed reading scores 0, and so does an answer holding
@@ -268,8 +269,10 @@ def _joined(text: str) -> str:
 # It is 12 words at most and nothing else (no number, no math: no second value). A justification holds no word that
 # denies, supposes, corrects, offers another value, changes this one or concludes anew ("15, not 16", "15, or more",
 # "15 (plus one for the end)", "15, since it is not 16", "AB = 15, from which the area follows"); an affirmation
-# only the words of one ("15. This is not the answer", "x = 15, which is the value of y" are no remarks).
-_REMARK = re.compile(r"(?i:(?:\s*[,;.]\s*|\s*(\()\s*)((?:since|because|by|using|from|via|this|that|which|it|is|are)"
+# only the words of one ("15. This is not the answer", "x = 15, which is the value of y" are no remarks), or,
+# after a comma, a full stop or in parentheses, of one that names the quantity ("12 (the length of AB)", "12, the
+# measure of angle ABC", "12. This is the length of AB": its words and points named in capitals, nothing else).
+_REMARK = re.compile(r"(?i:(?:\s*[,;.]\s*|\s*(\()\s*)((?:since|because|by|using|from|via|this|that|which|it|is|are|the)"
                      r"\b[A-Za-z\s,'’-]*?)|\s+((?:since|because|is|are)\b[A-Za-z\s,'’-]*?))\s*(\))?$")
 _JUSTIFIES = {"since", "because", "by", "using", "from", "via"}
 _CHANGES = _NOT_STATED | {"or", "but", "however", "although", "though", "instead", "rather", "wait", "actually",
@@ -281,14 +284,19 @@ _CHANGES = _NOT_STATED | {"or", "but", "however", "although", "though", "instead
 _AFFIRMS = {"this", "that", "which", "it", "it's", "that's", "is", "are", "the", "our", "my", "final", "only",
             "answer", "answers", "solution", "solutions", "set", "result", "value", "required", "desired", "correct",
             "exact"}
+_QUANTITY_WORDS = {"of", "in", "length", "measure", "area", "perimeter", "side", "angle", "arc", "segment", "radius",
+          "diameter", "height", "base", "units", "degrees"}
 
 
 def _without_remark(text: str) -> str:
     m = _REMARK.search(text)
     if not m or bool(m.group(1)) != bool(m.group(4)):  # a parenthesis opened is closed, and only then
         return text
-    words = re.findall(r"[a-z]+(?:'s)?", (m.group(2) or m.group(3)).lower().replace("’", "'").replace("n't", " not"))
-    allowed = (lambda w: w not in _CHANGES) if words[0] in _JUSTIFIES else _AFFIRMS.__contains__
+    remark = m.group(2) or m.group(3)
+    words = re.findall(r"[a-z]+(?:'s)?", remark.lower().replace("’", "'").replace("n't", " not"))
+    points = {p.lower() for p in re.findall(r"\b[A-Z]{1,4}\b", remark)}  # AB, ABC: named in capitals
+    names = _AFFIRMS | _QUANTITY_WORDS | points if m.group(2) else _AFFIRMS  # (not after a bare space: "15 is the length")
+    allowed = (lambda w: w not in _CHANGES) if words[0] in _JUSTIFIES else names.__contains__
     return text[:m.start()] if len(words) <= 12 and all(map(allowed, words)) else text
 
 

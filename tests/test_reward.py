@@ -676,6 +676,15 @@ def test_a_sentence_without_one_stated_value_is_unreadable(pred):
     (r"5 \sqrt { 3 }", "5√2, by the Pythagorean theorem", 0.0),
     ("5", "5√2, by the Pythagorean theorem", 0.0), ("x = 15", "So x = 15, because the triangle is isosceles.", 1.0),
     ("x = 15", "So x = 16, because the triangle is isosceles.", 0.0),
+    # a remark that names the quantity, after a comma, a full stop or in parentheses
+    ("12", "12 (the length of AB)", 1.0), ("12", "13 (the length of AB)", 0.0),
+    ("12", "12, the length of AB", 1.0), ("12", "21, the length of AB", 0.0),
+    ("12", "12. This is the length of AB.", 1.0), ("12", "1.2. This is the length of AB.", 0.0),
+    ("12", "x = 12, which is the length of AB", 1.0), ("12", "x = 11, which is the length of AB", 0.0),
+    ("30", "30, the measure of angle ABC in degrees", 1.0), ("30", "60, the measure of angle ABC in degrees", 0.0),
+    # ... and only names: a remark that changes the quantity, or a name in lower case (a variable), is not read
+    ("12", "12 (the square of AB)", 0.0), ("12", "12, the length of half of AB", 0.0),
+    ("12", "12, the length of x", 0.0),
     # a justification that denies anything is not read: a miss, never a wrong value
     ("15", "15, since it isn't negative", 0.0),
 ])
