@@ -210,8 +210,10 @@ def reproduce(name: str) -> int:
     out = RUNS / f"reproduce-{name}"
     shutil.rmtree(out, ignore_errors=True)
     command[command.index("--out") + 1] = str(out)
-    subprocess.run([sys.executable, *command], cwd=REPO, check=True, stdout=subprocess.DEVNULL,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if done.returncode:
+        sys.exit(f"{name}: the run failed:\n{done.stderr[-2000:]}")
     got = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     for new, old in zip(strip(got), strip(kept["eval"])):
