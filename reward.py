@@ -319,6 +319,7 @@ def _as_latex(text: str) -> str:
     text = _UNIT_POWER.sub(r"\\text{\1}\2", text)
     text = re.sub(r"\\!\s*|\\\$", "", text)  # thin negative space (16,\!386), escaped dollar (\$5.50: an amount)
     text = text.replace("!=", r"\ne ")  # x != 3: not a factorial
+    text = re.sub(r"\\widehat\s*\{(\w+)\}", r"\1", text)  # m\widehat{AB}: the arc AB's name (LaTeX reads none)
     text = re.sub(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?!\d)", lambda m: m.group().replace(" ", ""), text)  # 1 000
     # "4 4/11" is a mixed number: written as LaTeX reads one (an integer then \frac: 4\frac{4}{11} = 48/11).
     text = re.sub(r"(?<![\d./])(\d+) +(\d+)/(\d+)(?![\d/])", r"\1\\frac{\2}{\3}", text)

@@ -918,3 +918,14 @@ def test_explain_says_where_the_answer_stood():
     assert reward.explain("so 5", "5")["source"] is None
     e = reward.explain(R(r"\boxed{1}, \boxed{2}"), r"\{1, 2\}")  # boxed one part at a time: read as one set
     assert (e["answer"], e["reading"], e["accuracy"]) == ("2", "{1, 2}", 1.0)
+
+
+# An arc's measure named with \widehat (LaTeX reads no value from it): its name, as \overarc's and \angle's are.
+@pytest.mark.parametrize("gold, pred, expected", [
+    ("80", r"m\widehat{AB} = 80", 1.0), ("80", r"m\widehat{AB} = 70", 0.0),
+    ("80", r"m\widehat {ACB} = 80^{\circ}", 1.0), ("80", r"m\widehat {ACB} = 100^{\circ}", 0.0),
+    ("80", r"The measure of \widehat{AB} is 80", 1.0), ("80", r"The measure of \widehat{AB} is 8", 0.0),
+    ("80", r"\widehat{AB}", 0.0),  # a name alone states no value
+])
+def test_an_arc_named_with_widehat(gold, pred, expected):
+    assert accuracy_reward(R(pred), gold) == expected
