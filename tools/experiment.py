@@ -53,6 +53,10 @@ METRICS = ["kl_correct_hard", "dads_weight_correct_mean", "response_length_corre
            "entropy", "kl", "accuracy", "stcr_mult_neg_mean"]
 
 
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def command(arm: str, seed: int) -> list:
     out = RUNS / f"{arm}-seed{seed}"
     out = out.relative_to(REPO) if out.is_relative_to(REPO) else out
@@ -73,12 +77,12 @@ def run(arm: str, seed: int) -> str:
                                   stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if done.returncode:
             return f"{arm} seed {seed}: FAILED (see {log})"
-    read = lambda name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]  # noqa
     KEPT.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps({
         "arm": arm, "seed": seed, "command": command(arm, seed), "seconds": round(time.perf_counter() - start, 1),
-        "eval": read("eval"),
-        "metrics": [{"step": m["step"], **{k: m[k] for k in METRICS}} for m in read("metrics")]}) + "\n")
+        "eval": read_jsonl(out / "eval.jsonl"),
+        "metrics": [{"step": m["step"], **{k: m[k] for k in METRICS}}
+                    for m in read_jsonl(out / "metrics.jsonl")]}) + "\n")
     return f"{arm} seed {seed}: {time.perf_counter() - start:.0f} s"
 
 
@@ -214,7 +218,7 @@ def reproduce(name: str) -> int:
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if done.returncode:
         sys.exit(f"{name}: the run failed:\n{done.stderr[-2000:]}")
-    got = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    got = read_jsonl(out / "eval.jsonl")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     for new, old in zip(strip(got), strip(kept["eval"])):
         if new != old:
