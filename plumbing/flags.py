@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import math
 import re
+import sys
 
 # Each flag's meaningful range: (Args field, test, the range in words).
 RANGES = [
@@ -59,10 +60,11 @@ RANGES = [
 ORDERED = [("min_lr", "lr"), ("min_pixels", "max_pixels")]  # (low, high): low <= high
 
 
-def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED):
+def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED, preset: dict = None):
     """Stop as argparse does (its usage, then "error: argument --lr: must be > 0, got -1.0", exit 2) at the first
     of `values` (field -> value; absent or None: not checked) outside its range, or a low above its high. A float
-    must also be finite: no range means inf or nan."""
+    must also be finite: no range means inf or nan. `preset`: the values a preset set, not a flag (the error then
+    says so: `--data toy --lr 1e-4` meets the toy's --min-lr, which the user did not type)."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, test, allowed in ranges:
         value = values.get(name)
@@ -75,7 +77,10 @@ def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = OR
             parser.error(f"argument {flag(name)}: must be {allowed}, got {value!r}")
     for low, high in ordered:
         if values.get(low) is not None and values.get(high) is not None and values[low] > values[high]:
-            parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got {values[low]!r}")
+            unseen = [flag(k) for k in (low, high) if k in (preset or ())]  # one at most: a preset is consistent
+            origin = f" ({unseen[0]} is the preset's: give it too)" if unseen else ""
+            parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got "
+                         f"{values[low]!r}{origin}")
 
 
 def parse(fields_class, presets: dict, argv=None, description: str = ""):
@@ -105,5 +110,7 @@ def parse(fields_class, presets: dict, argv=None, description: str = ""):
     parser.set_defaults(**presets.get(preset, {}))
     args = fields_class(**vars(parser.parse_args(argv)))
     args.adam_betas = tuple(args.adam_betas)
-    check_ranges(parser, dataclasses.asdict(args))  # every value in its range (RANGES)
+    typed = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    from_preset = {k for k in presets.get(preset, {}) if "--" + k.replace("_", "-") not in typed}
+    check_ranges(parser, dataclasses.asdict(args), preset=from_preset)  # every value in its range (RANGES)
     return args

@@ -34,6 +34,11 @@ BAD_FLAGS = [
                               "long wrong answers), got 0.99"),
     (["--min-lr", "-0.1"], "argument --min-lr: must be >= 0, got -0.1"),
     (["--min-lr", "1e-5"], "argument --min-lr: must be <= --lr (1e-06), got 1e-05"),
+    # a value the preset set, not the user, is named as the preset's (the toy's rate is constant: min_lr = lr)
+    (["--data", "toy", "--lr", "5e-4"], "argument --min-lr: must be <= --lr (0.0005), got 0.001 (--min-lr is the "
+                                        "preset's: give it too)"),
+    (["--data", "toy", "--min-lr=2e-3"], "argument --min-lr: must be <= --lr (0.001), got 0.002 (--lr is the "
+                                         "preset's: give it too)"),
     (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1), got 1.0"),
     (["--adam-betas", "0.9", "1"], "argument --adam-betas: must be two numbers in [0, 1), got (0.9, 1.0)"),
     (["--weight-decay", "-0.1"], "argument --weight-decay: must be >= 0, got -0.1"),
