@@ -1,15 +1,17 @@
 """tools/experiment.py end to end on a tiny sweep (2 arms × 2 seeds, 2 steps each): the kept files hold each run's
 command and evaluations, the summary is computed from those files (checked against the run folders' own
-eval.jsonl and paired differences worked out here), a finished run is skipped, and a kept run reproduces."""
+eval.jsonl and paired differences worked out here), a finished run is skipped, and a kept run reproduces; and the
+committed sweep: a kept file per arm and seed, and the committed summary computed from them."""
 import json
 import math
 import statistics
 
 import pytest
+import torch
 
 from conftest import read_jsonl
 
-pytestmark = pytest.mark.slow  # whole runs in processes of their own: the full suite only
+slow = pytest.mark.slow  # whole runs in processes of their own: the full suite only
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,7 @@ def sweep(tmp_path_factory):
     patch.undo()
 
 
+@slow
 def test_kept_files_hold_each_run_s_command_and_evaluations(sweep):
     experiment, root = sweep
     kept = sorted(p.name for p in (root / "docs" / "runs").glob("*.json"))
@@ -43,6 +46,7 @@ def test_kept_files_hold_each_run_s_command_and_evaluations(sweep):
         assert run["command"][run["command"].index("--seed") + 1] == str(seed)
         assert ("--no-dads" in run["command"]) == (arm == "grpo")
         assert run["eval"] == read_jsonl(out / "eval.jsonl")
+        assert run["versions"] == experiment.versions() and run["versions"]["torch"] == torch.__version__
         assert [e["step"] for e in run["eval"]] == [0, 1, 2]
         assert [m["step"] for m in run["metrics"]] == [0, 1]
     # both arms start from the same model: the same evaluation at step 0, then their own
@@ -50,6 +54,7 @@ def test_kept_files_hold_each_run_s_command_and_evaluations(sweep):
     assert grpo["eval"][0]["accuracy"] == apo["eval"][0]["accuracy"]
 
 
+@slow
 def test_the_summary_is_computed_from_the_run_files(sweep):
     _, root = sweep
     summary = json.loads((root / "docs" / "summary.json").read_text())
@@ -78,6 +83,7 @@ def test_the_summary_is_computed_from_the_run_files(sweep):
     assert (root / "docs" / "curves.png").stat().st_size > 10_000
 
 
+@slow
 def test_a_finished_run_is_skipped_and_a_kept_run_reproduces(sweep, capsys):
     experiment, root = sweep
     before = (root / "docs" / "runs" / "apo-seed1.json").read_text()
@@ -86,13 +92,39 @@ def test_a_finished_run_is_skipped_and_a_kept_run_reproduces(sweep, capsys):
     with pytest.raises(SystemExit) as done:
         experiment.main(["--reproduce", "apo-seed1"])
     assert done.value.code == 0
-    assert "apo-seed1: reproduced, 3 evaluations equal to the committed ones" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "apo-seed1: reproduced, 3 evaluations equal to the committed ones" in out and "kept under" not in out
     # a kept file whose numbers were changed by hand is caught
     kept = json.loads(before)
     kept["eval"][2]["accuracy"] += 0.5
+    kept["versions"]["torch"] = "1.0"
     (root / "docs" / "runs" / "apo-seed1.json").write_text(json.dumps(kept))
     with pytest.raises(SystemExit) as done:
         experiment.main(["--reproduce", "apo-seed1"])
-    assert done.value.code == 1 and "differs at step 2: accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert done.value.code == 1 and "differs at step 2: accuracy" in out
+    assert "kept under {'python'" in out and "'torch': '1.0'" in out  # and says under what it was kept
     with pytest.raises(SystemExit, match="--reproduce: no kept run apo-seed7"):
         experiment.main(["--reproduce", "apo-seed7"])
+
+
+def test_the_committed_summary_is_computed_from_the_committed_runs(tmp_path):
+    """docs/experiment holds a kept file for every arm and seed of the sweep, and its summary is what --report
+    computes from them (a summary whose runs were not committed, or were changed after it, fails here)."""
+    import shutil
+
+    from tools import experiment
+    kept = sorted(p.stem for p in experiment.KEPT.glob("*.json"))
+    assert kept == sorted(f"{a}-seed{s}" for a in experiment.ARMS for s in range(10))
+    stacks = {json.dumps(json.loads(p.read_text())["versions"]) for p in experiment.KEPT.glob("*.json")}
+    assert len(stacks) == 1  # the whole sweep under one python, torch and transformers
+    shutil.copytree(experiment.KEPT, tmp_path / "runs")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(experiment, "KEPT", tmp_path / "runs")
+    patch.setattr(experiment, "OUT", tmp_path)
+    try:
+        experiment.report()
+    finally:
+        patch.undo()
+    for name in ("summary.json", "summary.md"):
+        assert (tmp_path / name).read_text() == (experiment.OUT / name).read_text(), name

@@ -57,6 +57,17 @@ def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def versions() -> dict:
+    """The software a run's numbers depend on: under other versions of torch or transformers a rerun
+    may differ (docs/EXPERIMENT.md §6: a sweep rerun in a fresh environment did)."""
+    import platform
+
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
 def command(arm: str, seed: int) -> list:
     out = RUNS / f"{arm}-seed{seed}"
     out = out.relative_to(REPO) if out.is_relative_to(REPO) else out
@@ -80,6 +91,7 @@ def run(arm: str, seed: int) -> str:
     KEPT.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps({
         "arm": arm, "seed": seed, "command": command(arm, seed), "seconds": round(time.perf_counter() - start, 1),
+        "versions": versions(),
         "eval": read_jsonl(out / "eval.jsonl"),
         "metrics": [{"step": m["step"], **{k: m[k] for k in METRICS}}
                     for m in read_jsonl(out / "metrics.jsonl")]}) + "\n")
@@ -208,7 +220,8 @@ def report():
 def reproduce(name: str) -> int:
     """Reruns a kept run's own `command` (its --out moved to RUNS/reproduce-NAME) and compares its held-out
     evaluations with the committed ones, every value but the seconds: 0 if equal, 1 (and what differs) if not.
-    The toy runs on one thread whatever the machine (plumbing/models.py), so the thread count cannot change them."""
+    The toy runs on one thread whatever the machine (plumbing/models.py), so the thread count cannot change them;
+    other versions of torch or transformers do (the kept file's `versions` says which it was made with)."""
     kept = json.loads((KEPT / f"{name}.json").read_text())
     command = list(kept["command"])
     out = RUNS / f"reproduce-{name}"
@@ -219,6 +232,9 @@ def reproduce(name: str) -> int:
     if done.returncode:
         sys.exit(f"{name}: the run failed:\n{done.stderr[-2000:]}")
     got = read_jsonl(out / "eval.jsonl")
+    if kept.get("versions", versions()) != versions():
+        print(f"{name}: kept under {kept['versions']}, rerun under {versions()}: equal numbers are "
+              "not to be expected")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     for new, old in zip(strip(got), strip(kept["eval"])):
         if new != old:
