@@ -114,11 +114,12 @@ def test_the_committed_summary_is_computed_from_the_committed_runs(tmp_path):
     import shutil
 
     from tools import experiment
-    kept = sorted(p.stem for p in experiment.KEPT.glob("*.json"))
+    committed = experiment.REPO / "docs" / "experiment"  # (not experiment.OUT: the sweep fixture may patch it)
+    kept = sorted(p.stem for p in (committed / "runs").glob("*.json"))
     assert kept == sorted(f"{a}-seed{s}" for a in experiment.ARMS for s in range(10))
-    stacks = {json.dumps(json.loads(p.read_text())["versions"]) for p in experiment.KEPT.glob("*.json")}
+    stacks = {json.dumps(json.loads(p.read_text())["versions"]) for p in (committed / "runs").glob("*.json")}
     assert len(stacks) == 1  # the whole sweep under one python, torch and transformers
-    shutil.copytree(experiment.KEPT, tmp_path / "runs")
+    shutil.copytree(committed / "runs", tmp_path / "runs")
     patch = pytest.MonkeyPatch()
     patch.setattr(experiment, "KEPT", tmp_path / "runs")
     patch.setattr(experiment, "OUT", tmp_path)
@@ -127,4 +128,4 @@ def test_the_committed_summary_is_computed_from_the_committed_runs(tmp_path):
     finally:
         patch.undo()
     for name in ("summary.json", "summary.md"):
-        assert (tmp_path / name).read_text() == (experiment.OUT / name).read_text(), name
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
