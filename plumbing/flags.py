@@ -60,10 +60,10 @@ RANGES = [
 ORDERED = [("min_lr", "lr"), ("min_pixels", "max_pixels")]  # (low, high): low <= high
 
 
-def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED, preset: dict = None):
+def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = ORDERED, preset: frozenset = frozenset()):
     """Stop as argparse does (its usage, then "error: argument --lr: must be > 0, got -1.0", exit 2) at the first
     of `values` (field -> value; absent or None: not checked) outside its range, or a low above its high. A float
-    must also be finite: no range means inf or nan. `preset`: the values a preset set, not a flag (the error then
+    must also be finite: no range means inf or nan. `preset`: the fields whose value a preset set, not a flag (the error then
     says so: `--data toy --lr 1e-4` meets the toy's --min-lr, which the user did not type)."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, test, allowed in ranges:
@@ -77,7 +77,7 @@ def check_ranges(parser, values: dict, ranges: list = RANGES, ordered: list = OR
             parser.error(f"argument {flag(name)}: must be {allowed}, got {value!r}")
     for low, high in ordered:
         if values.get(low) is not None and values.get(high) is not None and values[low] > values[high]:
-            unseen = [flag(k) for k in (low, high) if k in (preset or ())]  # one at most: a preset is consistent
+            unseen = [flag(k) for k in (low, high) if k in preset]  # one at most: a preset is consistent
             origin = f" ({unseen[0]} is the preset's: give it too)" if unseen else ""
             parser.error(f"argument {flag(low)}: must be <= {flag(high)} ({values[high]!r}), got "
                          f"{values[low]!r}{origin}")

@@ -221,7 +221,7 @@ def reproduce(name: str) -> int:
     """Reruns a kept run's own `command` (its --out moved to RUNS/reproduce-NAME) and compares its held-out
     evaluations with the committed ones, every value but the seconds: 0 if equal, 1 (and what differs) if not.
     The toy runs on one thread whatever the machine (plumbing/models.py), so the thread count cannot change them;
-    other versions of torch or transformers do (the kept file's `versions` says which it was made with)."""
+    other versions of torch or transformers may (the kept file's `versions` says which it was made with)."""
     kept = json.loads((KEPT / f"{name}.json").read_text())
     command = list(kept["command"])
     out = RUNS / f"reproduce-{name}"
