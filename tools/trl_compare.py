@@ -77,7 +77,7 @@ class ApoSide:
     """apo.apo_step as apo.train runs it with the toy preset (no run folder, no evaluation)."""
 
     def __init__(self, a, steps: int):
-        argv = ["--data", "toy", "--steps", str(steps), "--eval-every", "0",
+        argv = ["--data", "toy", "--steps", str(steps), "--eval-every", "0", "--kl-beta", "0.02",
                 "--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size),
                 "--mini-batch-size", str(a.prompts_per_step * a.group_size),
                 "--micro-batch-size", str(a.prompts_per_step * a.group_size),
