@@ -615,8 +615,8 @@ PRESETS = {
                        adam_betas=(0.9, 0.99), eval_every=20, eval_breakdown="level"),
 }
 # With --lora-rank: adapters that start at B = 0 move a weight less per step than full-parameter
-# Adam does, so they need a larger learning rate (docs/RUNNING.md, "LoRA", has the toy's sweep).
-# (β = 0.02: the value that sweep was measured at.)
+# Adam does, so they need a larger learning rate (docs/RUNNING.md, "LoRA", has the toy's sweep,
+# measured at β = 0.02).
 PRESETS["toy-lora"] = dict(PRESETS["toy"], lr=5e-3, min_lr=5e-4, steps=300, kl_beta=0.02)
 
 

@@ -237,7 +237,7 @@ def test_the_toy_preset_has_a_lora_learning_rate():
     assert apo.parse_args(["--data", "toy"]).lr == apo.PRESETS["toy"]["lr"]
     toy_lora = apo.parse_args(["--data", "toy", "--lora-rank", "8"])
     assert toy_lora.lr == apo.PRESETS["toy-lora"]["lr"] != apo.PRESETS["toy"]["lr"]
-    for field in ("model", "prompts_per_step", "group_size", "max_new_tokens"):  # the rest stays (but β)
+    for field in ("model", "prompts_per_step", "group_size", "max_new_tokens"):  # the rest stays, β aside
         assert getattr(toy_lora, field) == apo.PRESETS["toy"][field]
     assert apo.parse_args(["--data", "toy", "--lora-rank", "8", "--lr", "0.5"]).lr == 0.5
     assert apo.parse_args(["--lora-rank", "8"]).lr == apo.Args.lr  # no preset, no change
