@@ -288,18 +288,15 @@ def cosine_schedule(step: int, total: int, warmup_ratio: float, lr: float, min_l
 
 def update_policy(model, batch: dict, optimizer, args: Args, lrs: list) -> dict:
     """One pass over a rollout's responses (APO_SPEC §8): mini-batches of args.mini_batch_size
-    responses, whole groups in a shuffled order of the groups, one optimizer step each at learning
-    rate lrs[i]; inside a mini-batch, micro-batches of args.micro_batch_size responses whose
-    gradients accumulate (their size changes nothing). `batch`: a rollout (rollout.py) with
-    advantages, kl_weights [N], old_logp and ref_logp [N, T] or None (see apo_loss). Returns the
-    loss's terms and the gradient norm averaged over the mini-batches, `kl_per_response` (each
-    response's KL_i when its mini-batch was taken, [N], logged) and `finite`: per optimizer step,
-    whether it was taken (a non-finite loss or gradient would poison weights and moments).
-
-    Why whole groups: a micro-batch then holds several responses to one prompt, which the shared
-    layout forwards once (rollout.shared_rows). Many GPUs: each process holds 1/W of each
-    mini-batch; the loss divides by the mini-batch's token and response counts over all
-    processes, whose gradients are then summed: one process's update on all the responses."""
+    responses, one optimizer step each at learning rate lrs[i], made of whole groups in a shuffled
+    order of the groups (so that the shared layout forwards each prompt once, rollout.shared_rows);
+    inside, micro-batches of args.micro_batch_size whose gradients accumulate (their size changes
+    nothing). `batch`: a rollout with advantages, kl_weights [N], old_logp and ref_logp [N, T] or
+    None (see apo_loss). Returns the loss's terms and the gradient norm averaged over mini-batches,
+    `kl_per_response` [N] (logged) and `finite`: per optimizer step, whether it was taken (a
+    non-finite loss or gradient would poison weights and moments). Many GPUs: each process holds
+    1/W of each mini-batch, divides by the counts over all processes, and the gradients are summed:
+    one process's update on all the responses."""
     device, N, n_updates = model.device, batch["advantages"].shape[0], len(lrs)
     per_rank = args.mini_batch_size // parallel.world()
     prompts = batch["prompt_index"].unique()                  # the groups, in a shuffled order
@@ -412,22 +409,7 @@ def apo_step(policy, reference, processor, optimizer, examples: list, state: dic
                     "kl_weights": kl_weights, "kl": stats.pop("kl_per_response").view(B, G)}
     metrics = step_metrics(step, per_response, accuracy, fmt, batch["truncated"], stats, clock,
                            state, optimizer.param_groups[0]["lr"])
-    # the first --log-samples groups and --log-random-samples more drawn at random (keyed by the
-    # step: the global random streams are left alone), each response with its numbers (eval.py
-    # --explain shows them)
-    first = list(range(min(args.log_samples, B)))
-    rest = range(len(first), B)
-    drawn = sorted(random.Random(f"{args.seed}-{step}").sample(
-        rest, min(args.log_random_samples, len(rest))))
-    d, fmt, truncated = difficulty(correct), fmt.view(B, G), batch["truncated"].view(B, G)
-    samples = [{"step": step, "chosen": "first" if b in first else "random",
-                "problem": examples[b]["problem"], "answer": examples[b]["answer"],
-                "row": examples[b].get("row"), "difficulty": d[b].item(),
-                "responses": batch["texts"][b * G:(b + 1) * G], "format": fmt[b].tolist(),
-                "truncated": truncated[b].tolist(),
-                **{k: v[b].tolist() for k, v in per_response.items()}}
-               for b in first + drawn]
-    return metrics, samples
+    return metrics, logged_groups(step, examples, batch, per_response, fmt, args)
 
 
 def step_metrics(step: int, per_response: dict, accuracy, fmt, truncated, stats: dict, clock,
@@ -472,6 +454,26 @@ def step_metrics(step: int, per_response: dict, accuracy, fmt, truncated, stats:
         "world_size": parallel.world(),
         **{f"seconds_{k}": s for k, s in zip(phases, seconds)},
     }
+
+
+def logged_groups(step: int, examples: list, batch: dict, per_response: dict, fmt, args: Args):
+    """The lines of samples.jsonl: the first --log-samples groups and --log-random-samples more,
+    drawn at random (keyed by the step: the global random streams are left alone), each response
+    with its numbers (eval.py --explain shows them)."""
+    B, G = per_response["rewards"].shape
+    first = list(range(min(args.log_samples, B)))
+    rest = range(len(first), B)
+    drawn = sorted(random.Random(f"{args.seed}-{step}").sample(
+        rest, min(args.log_random_samples, len(rest))))
+    d, fmt = difficulty(per_response["correct"]), fmt.view(B, G)
+    truncated = batch["truncated"].view(B, G)
+    return [{"step": step, "chosen": "first" if b in first else "random",
+             "problem": examples[b]["problem"], "answer": examples[b]["answer"],
+             "row": examples[b].get("row"), "difficulty": d[b].item(),
+             "responses": batch["texts"][b * G:(b + 1) * G], "format": fmt[b].tolist(),
+             "truncated": truncated[b].tolist(),
+             **{k: v[b].tolist() for k, v in per_response.items()}}
+            for b in first + drawn]
 
 
 # --------------------------------------------------------------------------------------- the driver

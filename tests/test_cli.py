@@ -13,7 +13,7 @@ from conftest import DEADLINE_S, REPO
 SCRIPTS = ["apo.py", "eval.py", "tools/bench.py"]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [SCRIPTS[0], *(pytest.param(s, marks=pytest.mark.slow) for s in SCRIPTS[1:])])
 def test_help_works_and_lists_every_flag(script):
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
                             cwd=REPO, timeout=DEADLINE_S)

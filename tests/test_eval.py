@@ -471,6 +471,7 @@ def read_page(path) -> Page:
     return page
 
 
+@pytest.mark.slow  # a whole run, then its page
 def test_explain_page_shows_every_logged_group_escaped_and_bounded(tmp_path, toy_dir):
     """A run's page: the curves, then each logged group of the shown steps with its image and all G responses, each
     with its numbers, the final answer as the grader reads it, and why each 0 is a 0. Responses are text, never

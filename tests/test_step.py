@@ -147,7 +147,7 @@ def gradient_distance(a: list, b: list) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b)) / max(x.abs().max().item() for x in b)
 
 
-@pytest.mark.parametrize("method", ["apo", "grpo"])
+@pytest.mark.parametrize("method", ["apo", pytest.param("grpo", marks=pytest.mark.slow)])  # APO: the fast tier
 def test_a_step_gives_the_gradient_of_the_apo_loss_written_out(toy_dir, tmp_path, monkeypatch, method):
     """The second step of a run (the policy has moved, so the KL term pulls) at temperature 1.3, β = 0.5 and an
     STCR base of 1.5 (so that 1 + w is far from 1): the gradient the optimizer receives is that of the loss written
@@ -214,6 +214,7 @@ def test_a_step_gives_the_gradient_of_the_apo_loss_written_out(toy_dir, tmp_path
         assert gradient_distance(other, expected) > 1e-3
 
 
+@pytest.mark.slow  # a step of 4 optimizer steps, each checked against the loss written out
 def test_off_policy_steps_use_the_rollout_time_policy_and_the_clip_binds(toy_dir, tmp_path, monkeypatch):
     """32 responses in 4 mini-batches of 8, lr 0.01: after the first optimizer step the policy has moved, so ρ =
     π_θ/π_old ≠ 1 and the clip binds on some tokens. Each step's gradient is that of the loss written out with

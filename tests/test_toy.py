@@ -243,6 +243,7 @@ def test_the_graded_toy_has_its_levels_and_the_preconditions_of_its_targets():
     assert all(reward.format_reward(t) == 0.5 for t in drawn[:50])
 
 
+@pytest.mark.slow  # a whole run that evaluates 240 held-out problems
 def test_eval_breakdown_reports_each_level_apart(tmp_path):
     """--eval-breakdown level: eval.jsonl holds accuracy_easy, accuracy_hard and accuracy_old, whose weighted mean
     is the accuracy; a column the data lacks stops in one line."""
