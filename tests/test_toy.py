@@ -104,7 +104,7 @@ def answer_margin(model, processor, rows) -> float:
 def test_a_short_apo_run_with_the_toy_preset_learns_what_the_reward_asks_for(tmp_path, starting_model):
     """The whole loop with the toy preset's model, sizes and learning rate, on images that are all green: the
     reward asks for "B" whatever the image, and 20 steps learn it (the margin of "B" over the other letters rose
-    by 2.76 here; a policy gradient of the wrong sign took it down by 0.5, no update leaves it where it is).
+    by 2.76 here; a policy gradient of the wrong sign took it down by 0.98, no update leaves it where it is).
     Reading the colour takes ~150 steps, the full run (`python apo.py --data toy`, measured in the README): too
     long for a test, so this one checks the loop and its learning rate, not the vision.
 
