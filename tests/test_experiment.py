@@ -20,13 +20,21 @@ def sweep(tmp_path_factory):
     from tools import experiment
     toy.starting_model()  # built once, before two runs would build it at once
     root = tmp_path_factory.mktemp("experiment")
+    # held out: 8 problems of each level (the split is ordered by level, 100 easy, 100 hard, 40 old: a limit
+    # would keep easy ones only), a tenth of the evaluation's time
+    test = toy.toy_dataset("test", task="toy-graded")
+    levels = test["level"]
+    held_out = root / "held_out.parquet"
+    rows = [i for level in ("easy", "hard", "old") for i in [j for j, v in enumerate(levels) if v == level][:8]]
+    test.select(rows).to_parquet(str(held_out))
     patch = pytest.MonkeyPatch()
     patch.setattr(experiment, "RUNS", root / "runs")
     patch.setattr(experiment, "OUT", root / "docs")
     patch.setattr(experiment, "KEPT", root / "docs" / "runs")
     patch.setattr(experiment, "BASE", ["--model", "toy", "--data", "toy-graded", "--steps", "2", "--eval-every", "1",
                                        "--prompts-per-step", "2", "--group-size", "4", "--mini-batch-size", "8",
-                                       "--micro-batch-size", "8", "--max-new-tokens", "24", "--save-every", "1000"])
+                                       "--micro-batch-size", "8", "--max-new-tokens", "24", "--save-every", "1000",
+                                       "--eval-data", str(held_out)])
     (root / "docs").mkdir()
     experiment.main(["--arms", "grpo", "apo", "--seeds", "2"])
     yield experiment, root
